@@ -1,0 +1,31 @@
+"""metashot: meta-learning in PyTorch, the papers' methods with the papers' protocols."""
+
+from metashot.config import Config
+from metashot.data import Episode, EpisodeSampler, FewShotDataset, Omniglot, episode_loader
+from metashot.evaluate import Result, evaluate
+from metashot.methods import METHODS, Method, MetricMethod, ProtoNet, RBFKernel
+from metashot.nn import MLP, Conv4
+from metashot.train import Trainer, test_run, train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "MLP",
+    "Config",
+    "Conv4",
+    "Episode",
+    "EpisodeSampler",
+    "FewShotDataset",
+    "Method",
+    "MetricMethod",
+    "Omniglot",
+    "ProtoNet",
+    "RBFKernel",
+    "Result",
+    "Trainer",
+    "episode_loader",
+    "evaluate",
+    "test_run",
+    "train",
+]

@@ -1,0 +1,14 @@
+"""Data: Omniglot, episode sampling, task sources."""
+
+from metashot.data.fewshot import Episode, EpisodeIndex, EpisodeSampler, FewShotDataset, episode_loader
+from metashot.data.omniglot import Omniglot, OmniglotError
+
+__all__ = [
+    "Episode",
+    "EpisodeIndex",
+    "EpisodeSampler",
+    "FewShotDataset",
+    "Omniglot",
+    "OmniglotError",
+    "episode_loader",
+]

@@ -1,0 +1,284 @@
+"""Omniglot (Lake et al. 2015): download, verify, decode once, cache, and the papers' splits.
+
+The two official zips are decoded once, resized with antialiasing and cached next to them as one
+uint8 array of shape [1623 characters, 20 drawers, size, size], ink = 255 on a 0 background. The cache
+name carries the zips' digest and the size, so changed zips or another size build a new cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from metashot.data.fewshot import FewShotDataset
+
+ZIPS = ("images_background", "images_evaluation")
+URL_PREFIX = "https://github.com/brendenlake/omniglot/raw/master/python/"
+# md5 of the official zips (the same digests torchvision and other loaders check).
+OFFICIAL_MD5 = {
+    "images_background": "68d2efa1b9178cc56df9314c21c6e718",
+    "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
+}
+NUM_CHARACTERS = 1623
+DRAWERS = 20
+SPLITS = ("random", "alphabet", "official")
+_MEMBER = re.compile(r"^(images_background|images_evaluation)/([^/]+)/(character\d+)/(\d+)_(\d+)\.png$")
+
+
+class OmniglotError(RuntimeError):
+    """A missing, corrupt or malformed Omniglot file."""
+
+
+def default_root(data_dir: str | os.PathLike | None = None) -> Path:
+    """The data root: ``data_dir``, else ``$METASHOT_DATA``, else a per-user cache folder."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    if os.environ.get("METASHOT_DATA"):
+        return Path(os.environ["METASHOT_DATA"]).expanduser()
+    return user_cache_dir()
+
+
+def user_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "metashot"
+
+
+def _digest(path: Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check(path: Path, expected: str) -> None:
+    algorithm = "md5" if len(expected) == 32 else "sha256"
+    got = _digest(path, algorithm)
+    if got != expected.lower():
+        raise OmniglotError(f"{path.name}: {algorithm} checksum is {got}, expected {expected}")
+
+
+def download(
+    root: Path,
+    url_prefix: str = URL_PREFIX,
+    checksums: dict[str, str] | None = None,
+    progress: bool = True,
+) -> None:
+    """Download whichever official zips are missing from ``root``, verified, renamed into place."""
+    checksums = OFFICIAL_MD5 if checksums is None else checksums
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ZIPS:
+        target = root / f"{name}.zip"
+        if target.exists():
+            continue
+        url = url_prefix + f"{name}.zip"
+        fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=target.name,
+                          disable=not progress) as bar:
+                    for block in iter(lambda: response.read(1 << 16), b""):
+                        out.write(block)
+                        bar.update(len(block))
+            if name in checksums:
+                _check(Path(tmp), checksums[name])
+            os.replace(tmp, target)
+        except (urllib.error.URLError, OSError) as e:
+            raise OmniglotError(
+                f"could not download {url} ({e}). Offline? Put images_background.zip and "
+                f"images_evaluation.zip (github.com/brendenlake/omniglot, python/) in {root}, "
+                "or point --data-dir / METASHOT_DATA at the folder that holds them."
+            ) from e
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+@dataclass(frozen=True)
+class Omniglot:
+    """All 1623 characters: ``images`` [1623, 20, S, S] uint8 (ink 255), with each one's names."""
+
+    images: torch.Tensor
+    alphabets: tuple[str, ...]  # per character
+    characters: tuple[str, ...]  # per character, e.g. "character07"
+    background: torch.Tensor  # [1623] bool, True for the official background set
+
+    @classmethod
+    def load(
+        cls,
+        data_dir: str | os.PathLike | None = None,
+        image_size: int = 28,
+        download_missing: bool = True,
+        url_prefix: str = URL_PREFIX,
+        checksums: dict[str, str] | None = None,
+    ) -> Omniglot:
+        """Load from the cache, building it (and downloading the zips) when needed."""
+        root = default_root(data_dir)
+        zips = [root / f"{name}.zip" for name in ZIPS]
+        if not all(z.exists() for z in zips):
+            if not download_missing:
+                missing = ", ".join(z.name for z in zips if not z.exists())
+                raise OmniglotError(f"{missing} not found in {root}")
+            download(root, url_prefix, checksums)
+        key = hashlib.sha256("".join(_digest(z, "sha256") for z in zips).encode()).hexdigest()[:16]
+        # next to the zips, or in the user's cache when their folder is read-only
+        cache_dir = root if os.access(root, os.W_OK) else user_cache_dir()
+        cache = cache_dir / f"omniglot-{image_size}px-{key}.npz"
+        if not cache.exists():
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            _build_cache(zips, image_size, cache)
+        with np.load(cache, allow_pickle=False) as f:
+            return cls(
+                images=torch.from_numpy(f["images"]),
+                alphabets=tuple(f["alphabets"].tolist()),
+                characters=tuple(f["characters"].tolist()),
+                background=torch.from_numpy(f["background"]),
+            )
+
+    def classes(
+        self,
+        split: str = "random",
+        part: str = "train",
+        rotations: bool = True,
+        seed: int = 0,
+        val_characters: int = 172,
+    ) -> FewShotDataset:
+        """The characters of one ``part`` ("train", "val", "trainval" or "test") of a named split.
+
+        Splits: "random" is the papers' 1,200 / 423 character split drawn with ``seed``; "alphabet"
+        draws whole alphabets with ``seed`` until 1,200 characters are taken; "official" is the
+        background (964) / evaluation (659) split. "val" is ``val_characters`` of the training
+        characters (172 of 1,200 as in Prototypical Networks). With ``rotations``, each character
+        rotated by 0/90/180/270 degrees is its own class (4x classes).
+        """
+        train_idx, test_idx = self._split(split, seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        train_idx = train_idx[torch.randperm(len(train_idx), generator=g)]
+        parts = {
+            "train": train_idx[val_characters:],
+            "val": train_idx[:val_characters],
+            "trainval": train_idx,
+            "test": test_idx,
+        }
+        if part not in parts:
+            raise ValueError(f"part must be one of {sorted(parts)}, got {part!r}")
+        idx = parts[part].sort().values
+        images = self.images[idx]  # [C, 20, S, S]
+        names = [f"{self.alphabets[i]}/{self.characters[i]}" for i in idx.tolist()]
+        if rotations:
+            images = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])
+            names = [f"{n}/rot{90 * k}" for k in range(4) for n in names]
+        return FewShotDataset(images.unsqueeze(2), names)
+
+    def _split(self, split: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(self.alphabets)
+        if split == "official":
+            all_idx = torch.arange(n)
+            return all_idx[self.background], all_idx[~self.background]
+        g = torch.Generator().manual_seed(seed)
+        if split == "random":
+            perm = torch.randperm(n, generator=g)
+            return perm[:1200], perm[1200:]
+        if split == "alphabet":
+            names = sorted(set(self.alphabets))
+            order = [names[i] for i in torch.randperm(len(names), generator=g).tolist()]
+            alphabet = np.array(self.alphabets)
+            train: list[int] = []
+            for a in order:
+                if len(train) >= 1200:
+                    break
+                train.extend(np.flatnonzero(alphabet == a).tolist())
+            mask = torch.zeros(n, dtype=torch.bool)
+            mask[train] = True
+            all_idx = torch.arange(n)
+            return all_idx[mask], all_idx[~mask]
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def _decode(data: bytes, size: int) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("L").resize((size, size), Image.Resampling.LANCZOS)
+        return 255 - np.asarray(im, dtype=np.uint8)
+
+
+def _read_zip(path: Path, size: int) -> dict[tuple[str, str], list[tuple[int, np.ndarray]]]:
+    """Decode one zip into {(alphabet, character): [(drawer, image)]}."""
+    found: dict[tuple[str, str], list[tuple[int, bytes]]] = {}
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if info.is_dir():
+                    continue
+                m = _MEMBER.match(info.filename)
+                if m is None or m.group(1) != path.stem:
+                    raise OmniglotError(
+                        f"{path.name}: unexpected member {info.filename!r}; expected "
+                        f"{path.stem}/<Alphabet>/characterNN/NNNN_MM.png"
+                    )
+                found.setdefault((m.group(2), m.group(3)), []).append(
+                    (int(m.group(5)), z.read(info))
+                )
+    except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as e:
+        raise OmniglotError(f"{path}: corrupt or truncated zip ({e})") from e
+
+    def decode(item: tuple[tuple[str, str], int, bytes]) -> np.ndarray:
+        (alphabet, character), drawer, data = item
+        try:
+            return _decode(data, size)
+        except Exception as e:  # PIL raises several types for a bad image
+            raise OmniglotError(
+                f"{path.name}: {alphabet}/{character} drawer {drawer:02d} does not decode ({e})"
+            ) from e
+
+    items = [(k, d, b) for k, v in found.items() for d, b in sorted(v)]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        decoded = list(pool.map(decode, items, chunksize=256))
+    out: dict[tuple[str, str], list[tuple[int, np.ndarray]]] = {}
+    for (key, drawer, _), image in zip(items, decoded, strict=True):
+        out.setdefault(key, []).append((drawer, image))
+    return out
+
+
+def _build_cache(zips: list[Path], size: int, cache: Path) -> None:
+    images, alphabets, characters, background = [], [], [], []
+    for path in zips:
+        chars = _read_zip(path, size)
+        for (alphabet, character), drawn in sorted(chars.items()):
+            if len(drawn) != DRAWERS:
+                raise OmniglotError(
+                    f"{path.name}: {alphabet}/{character} has {len(drawn)} images, expected {DRAWERS}"
+                )
+            images.append(np.stack([im for _, im in drawn]))
+            alphabets.append(alphabet)
+            characters.append(character)
+            background.append(path.stem == "images_background")
+    if len(images) != NUM_CHARACTERS:
+        raise OmniglotError(f"found {len(images)} characters in {zips}, expected {NUM_CHARACTERS}")
+    fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=".omniglot.", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(
+                f,
+                images=np.stack(images),
+                alphabets=np.array(alphabets),
+                characters=np.array(characters),
+                background=np.array(background),
+            )
+        os.replace(tmp, cache)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

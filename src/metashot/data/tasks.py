@@ -1,0 +1,125 @@
+"""Task sources: what the trainer and evaluator iterate, built from a :class:`Config`.
+
+A task source knows its data and episode shape; ``loader(part, episodes, seed, start)`` yields batches
+(an :class:`Episode` of ``meta_batch`` tasks, or another batch type a method takes). Register a new one
+in ``TASKS``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from metashot.config import Config
+from metashot.data.fewshot import FewShotDataset, episode_loader
+from metashot.data.omniglot import Omniglot
+from metashot.methods.base import TaskInfo
+
+PARTS = ("train", "val", "test")
+
+
+class TaskSource(ABC):
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    @property
+    @abstractmethod
+    def info(self) -> TaskInfo: ...
+
+    @abstractmethod
+    def loader(self, part: str, episodes: int, seed: int, start: int = 0) -> Iterable[Any]:
+        """Batches of tasks from ``part`` ("train", "val" or "test"); episode ``i`` fixed by ``seed``."""
+
+
+class FewShotSource(TaskSource):
+    """N-way K-shot episodes from classes split into train / val / test ``FewShotDataset``s."""
+
+    @abstractmethod
+    def dataset(self, part: str) -> FewShotDataset: ...
+
+    @property
+    def info(self) -> TaskInfo:
+        return TaskInfo(self.dataset("test").image_shape, self.cfg.ways, self.cfg.train_ways)
+
+    def loader(self, part: str, episodes: int, seed: int, start: int = 0) -> Iterable[Any]:
+        c = self.cfg
+        train = part == "train"
+        return episode_loader(
+            self.dataset(part),
+            ways=c.train_ways if train else c.ways,
+            shots=c.train_shots if train else c.shots,
+            queries=c.train_queries if train else c.queries,
+            episodes=episodes,
+            meta_batch=c.meta_batch,
+            seed=seed,
+            start=start,
+        )
+
+
+class OmniglotSource(FewShotSource):
+    """Omniglot; task_args: split ("random"), image_size (28), rotations (True), val_characters (172)."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        args = dict(cfg.task_args)
+        self.image_size = args.pop("image_size", 28)
+        self.split = args.pop("split", "random")
+        self.rotations = args.pop("rotations", True)
+        self.val_characters = args.pop("val_characters", 172)
+        if args:
+            raise ValueError(f"unknown omniglot task_args {sorted(args)}")
+        self._parts: dict[str, FewShotDataset] = {}
+
+    @cached_property
+    def omniglot(self) -> Omniglot:
+        return Omniglot.load(self.cfg.data_dir, self.image_size)
+
+    def dataset(self, part: str) -> FewShotDataset:
+        if part not in self._parts:
+            self._parts[part] = self.omniglot.classes(
+                self.split, part, self.rotations, self.cfg.seed, self.val_characters
+            )
+        return self._parts[part]
+
+
+class FolderSource(FewShotSource):
+    """A folder of class sub-folders (``data_dir``), its classes split by seed into train/val/test.
+
+    task_args: image_size (28), channels (1), fractions ([0.6, 0.2, 0.2]).
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        if cfg.data_dir is None:
+            raise ValueError("the folder task needs --data-dir, a folder of class sub-folders")
+        args = dict(cfg.task_args)
+        data = FewShotDataset.from_folder(
+            cfg.data_dir, args.pop("image_size", 28), args.pop("channels", 1)
+        )
+        fractions = args.pop("fractions", [0.6, 0.2, 0.2])
+        if args:
+            raise ValueError(f"unknown folder task_args {sorted(args)}")
+        perm = torch.randperm(data.num_classes, generator=torch.Generator().manual_seed(cfg.seed))
+        bounds = torch.tensor([0.0, *fractions]).cumsum(0).mul(data.num_classes).round().long()
+        self._parts = {
+            p: FewShotDataset(
+                data.images[perm[a:b]], [data.class_names[i] for i in perm[a:b].tolist()]
+            )
+            for p, a, b in zip(PARTS, bounds[:-1].tolist(), bounds[1:].tolist())
+        }
+
+    def dataset(self, part: str) -> FewShotDataset:
+        return self._parts[part]
+
+
+TASKS: dict[str, type[TaskSource]] = {"omniglot": OmniglotSource, "folder": FolderSource}
+
+
+def build_source(cfg: Config) -> TaskSource:
+    if cfg.task not in TASKS:
+        raise ValueError(f"unknown task {cfg.task!r}; known: {', '.join(sorted(TASKS))}")
+    return TASKS[cfg.task](cfg)

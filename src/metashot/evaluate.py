@@ -1,0 +1,79 @@
+"""Evaluation as the papers report it: mean over N test episodes with a 95% interval, 1.96 std / sqrt(N)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from metashot.methods.base import Method
+
+
+def mean_ci(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and 95% half-width 1.96 * std / sqrt(N) (population std, as numpy's default)."""
+    v = values.double()
+    n = v.numel()
+    return v.mean().item(), 1.96 * v.std(correction=0).item() / math.sqrt(n)
+
+
+def _fmt(name: str, mean: float, ci: float) -> str:
+    if name.startswith("acc"):
+        return f"{100 * mean:.2f}% +- {100 * ci:.2f}%"
+    return f"{mean:.4f} +- {ci:.4f}"
+
+
+@dataclass
+class Result:
+    """Per-metric (mean, 95% half-width) over ``episodes`` test episodes; ``metric`` is the headline."""
+
+    metric: str
+    episodes: int
+    stats: dict[str, tuple[float, float]]
+
+    @property
+    def mean(self) -> float:
+        return self.stats[self.metric][0]
+
+    @property
+    def ci(self) -> float:
+        return self.stats[self.metric][1]
+
+    def summary(self) -> str:
+        return (
+            f"test {self.metric}: {_fmt(self.metric, self.mean, self.ci)} "
+            f"(95% CI, {self.episodes} episodes)"
+        )
+
+    def table(self) -> str:
+        return "\n".join(f"{k:>16}  {_fmt(k, m, c)}" for k, (m, c) in self.stats.items())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "mean": self.mean, "ci95": self.ci}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+
+def evaluate(
+    method: Method, batches: Iterable[Any], device: torch.device | str = "cpu", progress: bool = False
+) -> Result:
+    """Run ``method.evaluate`` over every batch and aggregate each per-episode metric."""
+    from tqdm.auto import tqdm
+
+    was_training = method.training
+    method.eval()
+    values: dict[str, list[torch.Tensor]] = {}
+    try:
+        for batch in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
+            for k, v in method.evaluate(batch.to(device)).items():
+                values.setdefault(k, []).append(v.detach().float().reshape(-1).cpu())
+    finally:
+        method.train(was_training)
+    if not values:
+        raise ValueError("evaluation got no episodes")
+    stats = {k: mean_ci(torch.cat(v)) for k, v in values.items()}
+    return Result(type(method).metric, len(torch.cat(values[type(method).metric])), stats)

@@ -1,0 +1,18 @@
+"""Meta-learning methods, each in its own file, all meeting :class:`~metashot.methods.base.Method`."""
+
+from metashot.methods.base import Method, TaskInfo
+from metashot.methods.kernel import MetricMethod, RBFKernel, class_log_probs
+from metashot.methods.protonet import ProtoNet, PrototypeKernel
+
+METHODS: dict[str, type[Method]] = {"protonet": ProtoNet}
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "MetricMethod",
+    "PrototypeKernel",
+    "ProtoNet",
+    "RBFKernel",
+    "TaskInfo",
+    "class_log_probs",
+]

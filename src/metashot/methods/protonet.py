@@ -1,0 +1,79 @@
+"""Prototypical Networks (Snell, Swersky & Zemel, NIPS 2017).
+
+Prototypes are class means of the embedded support set, c_k = 1/|S_k| sum_{x_i in S_k} f(x_i) (eq. 1);
+P(y = k | x) = softmax_k(-d(f(x), c_k)) (eq. 2) with d the squared Euclidean distance, or cosine.
+As a kernel of the metric rule, k(x, x_i) = P(y = y_i | x) / |S_{y_i}|.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metashot.data.fewshot import Episode
+from metashot.methods.base import Method, TaskInfo
+from metashot.methods.kernel import MetricMethod
+from metashot.nn.backbones import Conv4
+
+
+def prototypes(support: torch.Tensor, support_labels: torch.Tensor, ways: int) -> torch.Tensor:
+    """Class means: support [B, S, D], labels [B, S] -> [B, ways, D]."""
+    onehot = F.one_hot(support_labels, ways).to(support.dtype)  # [B, S, N]
+    return onehot.transpose(1, 2) @ support / onehot.sum(dim=1).unsqueeze(-1)
+
+
+def prototype_logits(
+    query: torch.Tensor, protos: torch.Tensor, distance: str = "euclidean"
+) -> torch.Tensor:
+    """-d(f(x), c_k): query [B, Q, D], prototypes [B, N, D] -> logits [B, Q, N]."""
+    if distance == "euclidean":
+        # ||q||^2 - 2 q.c + ||c||^2 as one batched matmul: cheaper than cdist and exact in its gradient
+        d = (
+            query.pow(2).sum(-1, keepdim=True)
+            - 2 * query @ protos.transpose(1, 2)
+            + protos.pow(2).sum(-1).unsqueeze(1)
+        )
+        return -d
+    if distance == "cosine":
+        return F.normalize(query, dim=-1) @ F.normalize(protos, dim=-1).transpose(1, 2)
+    raise ValueError(f"distance must be 'euclidean' or 'cosine', got {distance!r}")
+
+
+class PrototypeKernel(nn.Module):
+    """k(x, x_i) = softmax_k(-d(f(x), c_k))[y_i] / |S_{y_i}|, as log-weights [B, Q, S]."""
+
+    def __init__(self, distance: str = "euclidean") -> None:
+        super().__init__()
+        self.distance = distance
+
+    def forward(
+        self, query: torch.Tensor, support: torch.Tensor, support_labels: torch.Tensor, ways: int
+    ) -> torch.Tensor:
+        log_p = prototype_logits(query, prototypes(support, support_labels, ways), self.distance)
+        log_p = log_p.log_softmax(-1)  # [B, Q, N]
+        counts = F.one_hot(support_labels, ways).sum(dim=1).to(log_p.dtype)  # [B, N]
+        log_p = log_p - counts.log().unsqueeze(1)
+        return log_p.gather(2, support_labels.unsqueeze(1).expand(-1, query.shape[1], -1))
+
+
+class ProtoNet(MetricMethod):
+    """Prototypical Networks: the metric rule with the prototype kernel.
+
+    encoder maps [M, C, H, W] to [M, D] (Conv4 by default); distance is "euclidean" (the paper's
+    squared Euclidean) or "cosine".
+    """
+
+    def __init__(self, encoder: nn.Module | None = None, distance: str = "euclidean") -> None:
+        super().__init__(encoder if encoder is not None else Conv4(), PrototypeKernel(distance))
+        self.distance = distance
+
+    @classmethod
+    def build(cls, info: TaskInfo, distance: str = "euclidean", hidden: int = 64) -> Method:
+        return cls(Conv4(info.input_shape[0], hidden, hidden), distance)
+
+    def log_probs(self, episode: Episode) -> torch.Tensor:
+        # The same numbers as the kernel rule (a test checks it), without the [B, Q, S, N] detour.
+        support, query = self.embed(episode)
+        protos = prototypes(support, episode.support_labels, episode.ways)
+        return prototype_logits(query, protos, self.distance).log_softmax(-1)
