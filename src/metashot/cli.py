@@ -32,6 +32,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--meta-batch", type=int, help="episodes per optimizer step (default: the preset's)")
     p.add_argument("--max-episodes", type=int, dest="steps",
                    help="training steps: episodes, or meta-batches of episodes (default: the preset's)")
+    p.add_argument("--max-minutes", type=float,
+                   help="stop training after this many minutes of training (default: no limit)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default: the preset's)")
     p.add_argument("--val-every", type=int,
                    help="steps between validations and checkpoints (default: the preset's)")
@@ -86,7 +88,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     changes = {
         k: v
         for k in ("task", "ways", "shots", "queries", "train_ways", "train_queries", "meta_batch",
-                  "steps", "lr", "val_every", "test_episodes", "data_dir", "seed", "device")
+                  "steps", "max_minutes", "lr", "val_every", "test_episodes", "data_dir", "seed", "device")
         if (v := getattr(args, k)) is not None
     }
     for item in args.set:

@@ -13,7 +13,8 @@ from typing import Any
 class Config:
     """Everything a run needs; saved as ``config.json`` in the run folder.
 
-    ``steps`` counts optimizer steps: one episode each, or one meta-batch of ``meta_batch`` episodes.
+    ``steps`` counts optimizer steps: one episode each, or one meta-batch of ``meta_batch`` episodes;
+    ``max_minutes`` stops training earlier, after that much training time (validation excluded).
     ``train_ways``/``train_shots``/``train_queries`` default to the test values.
     """
 
@@ -30,6 +31,7 @@ class Config:
     train_queries: int | None = None
     meta_batch: int = 1
     steps: int = 20_000
+    max_minutes: float | None = None
     lr: float = 1e-3
     lr_step: int = 2_000
     lr_gamma: float = 0.5

@@ -91,7 +91,8 @@ class Trainer:
         if resume:
             saved = Config.load(self.run_dir / "config.json")
             # A resumed run keeps its recipe; only the length, device and evaluation size may change.
-            cfg = saved.replace(steps=cfg.steps, device=cfg.device, test_episodes=cfg.test_episodes)
+            cfg = saved.replace(steps=cfg.steps, max_minutes=cfg.max_minutes, device=cfg.device,
+                                  test_episodes=cfg.test_episodes)
         elif (self.run_dir / "last.pt").exists():
             raise FileExistsError(
                 f"{self.run_dir} already holds a run; pass --resume to continue it "
@@ -193,6 +194,8 @@ class Trainer:
                 since += 1
                 sums += torch.stack([loss.detach(), metrics[metric].detach().mean()])
                 bar.update()
+                if c.max_minutes is not None and time.perf_counter() - t0 >= 60 * c.max_minutes:
+                    self._stop = True
                 last = self.step == c.steps
                 if since % 25 == 0 or last or self._stop or self.step % c.val_every == 0:
                     # one host sync per 25 steps: a NaN is caught within 25 steps of appearing
@@ -210,8 +213,9 @@ class Trainer:
                     sums.zero_()
                     since = 0
                     self.method.train()
+                    t0 = time.perf_counter() - self.elapsed  # validation time is not training time
                 if self._stop:
-                    bar.write(f"stopped by SIGTERM at step {self.step}; resume with --resume")
+                    bar.write(f"stopped at step {self.step} (time limit or SIGTERM); --resume continues")
                     break
         finally:
             bar.close()
