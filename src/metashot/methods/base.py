@@ -15,12 +15,14 @@ class TaskInfo:
     """What a method needs to know of its tasks to build itself.
 
     input_shape: one example's shape, e.g. (1, 28, 28); ways: classes per task at train and test
-    time (a classifier head's width; 1 for regression); train_ways: ways in training episodes.
+    time (a classifier head's width; 1 for regression); train_ways: ways in training episodes;
+    regression: targets are real values (``ways`` of them per example), not class labels.
     """
 
     input_shape: tuple[int, ...]
     ways: int
     train_ways: int
+    regression: bool = False
 
 
 class Method(nn.Module, ABC):
