@@ -155,7 +155,8 @@ def test_download_verifies_and_renames(tmp_path: Path, server: str) -> None:
 
 def test_download_rejects_a_bad_checksum(tmp_path: Path, server: str) -> None:
     sums = {"images_background": "0" * 64}
-    with pytest.raises(OmniglotError, match=r"images_background.*sha256 checksum is [0-9a-f]{64}, expected 0+"):
+    bad = r"images_background.*sha256 checksum is [0-9a-f]{64}, expected 0+"
+    with pytest.raises(OmniglotError, match=bad):
         download(tmp_path, server, sums, progress=False)
     assert list(tmp_path.iterdir()) == []  # neither the zip nor a partial file
 

@@ -5,7 +5,7 @@ from metashot.data import Episode, EpisodeSampler, FewShotDataset, Omniglot, epi
 from metashot.evaluate import Result, evaluate
 from metashot.methods import METHODS, Method, MetricMethod, ProtoNet, RBFKernel
 from metashot.nn import MLP, Conv4
-from metashot.train import Trainer, test_run, train
+from metashot.train import Trainer, evaluate_run, train
 
 __version__ = "0.1.0"
 
@@ -26,6 +26,6 @@ __all__ = [
     "Trainer",
     "episode_loader",
     "evaluate",
-    "test_run",
+    "evaluate_run",
     "train",
 ]

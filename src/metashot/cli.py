@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         print(args.out)
         return 0
 
-    from metashot.train import Trainer, test_run
+    from metashot.train import Trainer, evaluate_run
 
     if args.command == "train":
         cfg = config_from_args(args)
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.fit()
         result = trainer.test()
     else:
-        result = test_run(args.run_dir, args.test_episodes, args.checkpoint, args.device,
+        result = evaluate_run(args.run_dir, args.test_episodes, args.checkpoint, args.device,
                           not args.no_progress, args.ways, args.shots)
     print(result.to_json() if args.json else result.table() + "\n" + result.summary())
     return 0

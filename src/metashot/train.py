@@ -245,11 +245,11 @@ class Trainer:
     # -- testing -------------------------------------------------------------------------------
     def test(self, episodes: int | None = None, checkpoint: str = "best.pt") -> Result:
         """Evaluate ``checkpoint`` on the test part; writes ``result.json`` in the run folder."""
-        return test_run(self.run_dir, episodes, checkpoint, self.cfg.device, self.progress,
+        return evaluate_run(self.run_dir, episodes, checkpoint, self.cfg.device, self.progress,
                         source=self.source)
 
 
-def test_run(
+def evaluate_run(
     run_dir: str | Path,
     episodes: int | None = None,
     checkpoint: str = "best.pt",

@@ -11,13 +11,13 @@ import hashlib
 import io
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from metashot.data.fewshot import FewShotDataset
+from metashot.io import atomic_write
 
 ZIPS = ("images_background", "images_evaluation")
 URL_PREFIX = "https://github.com/brendenlake/omniglot/raw/master/python/"
@@ -64,20 +65,16 @@ def _digest(path: Path, algorithm: str) -> str:
     return h.hexdigest()
 
 
-def _check(path: Path, expected: str) -> None:
-    algorithm = "md5" if len(expected) == 32 else "sha256"
-    got = _digest(path, algorithm)
-    if got != expected.lower():
-        raise OmniglotError(f"{path.name}: {algorithm} checksum is {got}, expected {expected}")
-
-
 def download(
     root: Path,
     url_prefix: str = URL_PREFIX,
     checksums: dict[str, str] | None = None,
     progress: bool = True,
 ) -> None:
-    """Download whichever official zips are missing from ``root``, verified, renamed into place."""
+    """Download whichever official zips are missing from ``root``, verified, renamed into place.
+
+    ``checksums`` maps a zip's stem to its md5 (32 hex digits) or sha256 (64); default: the official md5.
+    """
     checksums = OFFICIAL_MD5 if checksums is None else checksums
     root.mkdir(parents=True, exist_ok=True)
     for name in ZIPS:
@@ -85,27 +82,32 @@ def download(
         if target.exists():
             continue
         url = url_prefix + f"{name}.zip"
-        fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+        expected = checksums.get(name)
+
+        def fetch(out: IO[bytes], url: str = url, expected: str | None = expected,
+                  desc: str = target.name) -> None:
+            h = hashlib.new("md5" if expected and len(expected) == 32 else "sha256")
+            with urllib.request.urlopen(url, timeout=60) as response:
                 total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=target.name,
+                with tqdm(total=total, unit="B", unit_scale=True, desc=desc,
                           disable=not progress) as bar:
                     for block in iter(lambda: response.read(1 << 16), b""):
                         out.write(block)
+                        h.update(block)
                         bar.update(len(block))
-            if name in checksums:
-                _check(Path(tmp), checksums[name])
-            os.replace(tmp, target)
+            if expected and h.hexdigest() != expected.lower():
+                raise OmniglotError(
+                    f"{url}: {h.name} checksum is {h.hexdigest()}, expected {expected}; not saved"
+                )
+
+        try:
+            atomic_write(target, fetch)
         except (urllib.error.URLError, OSError) as e:
             raise OmniglotError(
                 f"could not download {url} ({e}). Offline? Put images_background.zip and "
                 f"images_evaluation.zip (github.com/brendenlake/omniglot, python/) in {root}, "
                 "or point --data-dir / METASHOT_DATA at the folder that holds them."
             ) from e
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
 
 @dataclass(frozen=True)
@@ -268,17 +270,13 @@ def _build_cache(zips: list[Path], size: int, cache: Path) -> None:
             background.append(path.stem == "images_background")
     if len(images) != NUM_CHARACTERS:
         raise OmniglotError(f"found {len(images)} characters in {zips}, expected {NUM_CHARACTERS}")
-    fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=".omniglot.", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                images=np.stack(images),
-                alphabets=np.array(alphabets),
-                characters=np.array(characters),
-                background=np.array(background),
-            )
-        os.replace(tmp, cache)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(
+        cache,
+        lambda f: np.savez(
+            f,
+            images=np.stack(images),
+            alphabets=np.array(alphabets),
+            characters=np.array(characters),
+            background=np.array(background),
+        ),
+    )

@@ -1,0 +1,124 @@
+"""The trainer, evaluator and CLI end to end on real Omniglot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from metashot import cli
+from metashot.config import Config
+from metashot.evaluate import mean_ci
+from metashot.methods import METHODS
+from metashot.methods.base import Method
+from metashot.train import NonFiniteLossError, Trainer, evaluate_run, load_checkpoint
+
+
+def _cfg(data_dir: Path, **kw: object) -> Config:
+    base = dict(method="protonet", data_dir=str(data_dir), ways=5, shots=1, queries=15,
+                train_ways=20, train_queries=5, steps=40, val_every=20, val_episodes=20,
+                test_episodes=50)
+    return Config(**{**base, **kw})
+
+
+def test_mean_ci_by_hand() -> None:
+    mean, ci = mean_ci(torch.tensor([0.0, 1.0, 1.0, 1.0]))
+    assert mean == 0.75
+    assert ci == pytest.approx(1.96 * (0.1875**0.5) / 2)
+
+
+def test_short_training_lifts_accuracy_far_above_chance(omniglot_dir: Path, tmp_path: Path) -> None:
+    trainer = Trainer(_cfg(omniglot_dir, steps=150, val_every=75, test_episodes=200), tmp_path,
+                      progress=False)
+    trainer.fit()
+    result = trainer.test()
+    # chance is 20%; a paper-protocol run reaches ~98%, 150 episodes must pass 85%
+    assert result.mean >= 0.85, result.summary()
+    assert result.episodes == 200
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["mean"] == result.mean and saved["metric"] == "acc"
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,episodes,minutes") and len(rows) == 3
+
+
+def test_resume_continues_exactly(omniglot_dir: Path, tmp_path: Path) -> None:
+    whole = Trainer(_cfg(omniglot_dir), tmp_path / "whole", progress=False)
+    whole.fit()
+    first = Trainer(_cfg(omniglot_dir, steps=20), tmp_path / "split", progress=False)
+    first.fit()
+    with pytest.raises(FileExistsError, match="already holds a run; pass --resume"):
+        Trainer(_cfg(omniglot_dir), tmp_path / "split")
+    second = Trainer(_cfg(omniglot_dir), tmp_path / "split", resume=True, progress=False)
+    second.fit()
+    assert second.step == 40
+    a, b = whole.method.state_dict(), second.method.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len((tmp_path / "split" / "metrics.csv").read_text().splitlines()) == 3
+    # checkpoints hold plain data: they load with weights_only
+    state = load_checkpoint(tmp_path / "split" / "last.pt")
+    assert state["step"] == 40 and set(state) >= {"method", "optimizer", "scheduler"}
+    assert not list((tmp_path / "split").glob(".*"))
+
+
+def test_unreadable_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "last.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="last.pt: not a readable metashot checkpoint"):
+        load_checkpoint(tmp_path / "last.pt")
+
+
+class _Diverges(Method):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def loss(self, batch: object) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = self.w * float("nan")
+        return loss, {"acc": torch.zeros(1)}
+
+
+def test_nan_loss_stops_with_a_clear_error(
+    omniglot_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(METHODS, "diverges", _Diverges)
+    trainer = Trainer(_cfg(omniglot_dir, method="diverges"), tmp_path, progress=False)
+    msg = r"training loss is nan in the 20 steps up to step 20 of diverges"
+    with pytest.raises(NonFiniteLossError, match=msg):
+        trainer.fit()
+
+
+def test_cli_train_then_evaluate(omniglot_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    code = cli.main(["train", "protonet", "--data-dir", str(omniglot_dir), "--max-episodes", "30",
+                     "--train-ways", "20", "--val-every", "15", "--test-episodes", "40",
+                     "--run-dir", str(run), "--no-progress", "--json",
+                     "--set", "val_episodes=10"])
+    assert code == 0
+    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert trained["episodes"] == 40 and 0.2 < trained["mean"] <= 1.0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["preset"] == "protonet-omniglot-5w1s" and cfg["train_ways"] == 20 and cfg["steps"] == 30
+
+    cli.main(["evaluate", str(run), "--test-episodes", "40", "--no-progress"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    mean, ci = 100 * trained["mean"], 100 * trained["ci95"]
+    assert last == f"test acc: {mean:.2f}% +- {ci:.2f}% (95% CI, 40 episodes)"
+
+    result = evaluate_run(run, episodes=30, ways=20)
+    assert result.episodes == 30 and (run / "result-20w1s.json").exists()
+
+
+def test_cli_help_lists_defaults(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--preset", "--ways", "--train-ways", "--max-episodes", "--test-episodes",
+                   "--run-dir", "--data-dir", "--seed", "--device", "--resume", "--json"):
+        assert option in out
+    assert "default" in out
+
+
+def test_unknown_preset(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(KeyError, match="unknown preset 'nope'; known: .*protonet-omniglot-5w1s"):
+        cli.main(["train", "protonet", "--preset", "nope"])
