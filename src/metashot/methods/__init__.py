@@ -2,12 +2,15 @@
 
 from metashot.methods.base import Method, TaskInfo
 from metashot.methods.kernel import MetricMethod, RBFKernel, class_log_probs
+from metashot.methods.matching import MatchingKernel, MatchingNetwork
 from metashot.methods.protonet import ProtoNet, PrototypeKernel
 
-METHODS: dict[str, type[Method]] = {"protonet": ProtoNet}
+METHODS: dict[str, type[Method]] = {"protonet": ProtoNet, "matching": MatchingNetwork}
 
 __all__ = [
     "METHODS",
+    "MatchingKernel",
+    "MatchingNetwork",
     "Method",
     "MetricMethod",
     "PrototypeKernel",
