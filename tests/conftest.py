@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from metashot.data.omniglot import Omniglot
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
 ZIPS = ("images_background.zip", "images_evaluation.zip")
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _threads() -> None:
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")
