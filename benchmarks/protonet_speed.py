@@ -39,6 +39,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -378,6 +379,7 @@ def main() -> None:
             raise SystemExit(
                 f"easyfsl does not import ({e}); pip install easyfsl, or pass --no-easyfsl"
             ) from e
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the temporary folder goes
     a.cache_dir = link_zips(a.data_dir)
     a.malloc, a.repeat = "default", 0
     try:
