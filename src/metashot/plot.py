@@ -27,3 +27,116 @@ def plot_runs(run_dirs: list[Path], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
+
+
+def plot_sinusoid(
+    run_dir: Path,
+    out: Path,
+    episode: int = 0,
+    shots: int | None = None,
+    steps: tuple[int, ...] = (1, 10),
+    checkpoint: str = "best.pt",
+) -> None:
+    """The MAML paper's sinusoid figure (Finn et al. 2017, fig. 2) for a trained ``maml-sinusoid`` run.
+
+    Test task ``episode`` of the run's seed: the true function, its K support points (``shots``,
+    default the run's test shots), and the model's prediction before adaptation and after each of
+    ``steps`` inner steps on those points, drawn to the PNG ``out``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from metashot.config import Config
+    from metashot.data.sinusoid import X_RANGE, SinusoidSampler
+    from metashot.data.tasks import build_source
+    from metashot.train import build_method, load_checkpoint
+
+    run_dir = Path(run_dir)
+    cfg = Config.load(run_dir / "config.json")
+    if cfg.task != "sinusoid" or cfg.method != "maml":
+        raise ValueError(f"{run_dir} is a {cfg.method} run on {cfg.task}, not maml on sinusoid")
+    method = build_method(cfg, build_source(cfg))
+    path = run_dir / checkpoint if (run_dir / checkpoint).exists() else run_dir / "last.pt"
+    method.load_state_dict(load_checkpoint(path)["method"])
+    method.eval()
+    sampler = SinusoidSampler(shots or cfg.shots, 0, episode + 1, cfg.seed, "test")
+    task, ep = sampler.task(episode), sampler.episode(episode)
+    grid = torch.linspace(*X_RANGE, 400).unsqueeze(1)
+    curves: dict[int, torch.Tensor] = {}
+
+    def record(step: int, params: dict[str, torch.Tensor]) -> None:
+        if step == 0 or step in steps:
+            with torch.no_grad():
+                curves[step] = method.forward(params, grid).squeeze(1)
+
+    params = {n: p.detach().requires_grad_(n in method.adapted) for n, p in method.params().items()}
+    with torch.enable_grad():
+        method.adapt(params, ep.support, ep.support_labels, max(steps), create_graph=False, callback=record)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(grid.squeeze(1), task(grid).squeeze(1), color="red", label="ground truth")
+    ax.plot(grid.squeeze(1), curves[0], ":", color="green", label="pre-update")
+    for s, style in zip(sorted(set(steps)), ["--", "-", "-.", "--"] * len(steps)):
+        ax.plot(grid.squeeze(1), curves[s], style, label=f"{s} grad step{'s' if s > 1 else ''}")
+    ax.scatter(ep.support.squeeze(1), ep.support_labels.squeeze(1), marker="^", color="purple", zorder=3,
+               label=f"{len(ep.support)} points used for gradient")
+    ax.set_title(f"MAML, K={len(ep.support)}: A={task.amplitude:.2f}, phase={task.phase:.2f}")
+    ax.set_xlim(*X_RANGE)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def _instance_stats(path: Path) -> tuple[str, dict[int, tuple[float, float]]]:
+    """A result.json (or a run folder holding one): its name and {n: (mean, ci95)} of each acc_n."""
+    import json
+
+    path = Path(path)
+    file = path / "result.json" if path.is_dir() else path
+    stats = json.loads(file.read_text())["stats"]
+    by_instance = {int(k[4:]): (float(v[0]), float(v[1])) for k, v in stats.items()
+                   if k.startswith("acc_") and k[4:].isdigit()}
+    if not by_instance:
+        raise ValueError(f"{file} has no per-instance accuracy (acc_1, acc_2, ...): not a sequence run")
+    return (path.name if path.is_dir() else path.parent.name), dict(sorted(by_instance.items()))
+
+
+def instance_table(results: list[Path], names: list[str] | None = None) -> str:
+    """Accuracy (%) by instance, one row per result.json or run folder, as a Markdown table."""
+    rows = [_instance_stats(r) for r in results]
+    columns = sorted({n for _, s in rows for n in s})
+    ordinal = {1: "st", 2: "nd", 3: "rd"}
+    lines = ["| | " + " | ".join(f"{n}{ordinal.get(n, 'th')}" for n in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    for i, (name, s) in enumerate(rows):
+        cells = [f"{100 * s[n][0]:.1f} +- {100 * s[n][1]:.1f}" if n in s else "-" for n in columns]
+        lines.append(f"| {names[i] if names else name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_instances(results: list[Path], out: Path, names: list[str] | None = None) -> None:
+    """Santoro et al.'s figure: test accuracy against the instance of a class in the episode (1st,
+    2nd, ... 10th presentation), one line per result.json or run folder, with 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, path in enumerate(results):
+        name, s = _instance_stats(path)
+        n = list(s)
+        ax.errorbar(n, [100 * s[k][0] for k in n], yerr=[100 * s[k][1] for k in n], marker="o",
+                    capsize=3, label=names[i] if names else name)
+    ax.set_xlabel("instance of the class in the episode")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

@@ -17,6 +17,7 @@ import torch
 from metashot.config import Config
 from metashot.data.fewshot import FewShotDataset, episode_loader
 from metashot.data.omniglot import Omniglot
+from metashot.data.sinusoid import sinusoid_loader
 from metashot.methods.base import TaskInfo
 
 PARTS = ("train", "val", "test")
@@ -116,7 +117,32 @@ class FolderSource(FewShotSource):
         return self._parts[part]
 
 
+class SinusoidSource(TaskSource):
+    """Sinusoid regression (MAML section 5.1): ``shots`` support and ``queries`` query points per task.
+
+    Needs no data. Inputs and targets are [B, K, 1] floats; the parts draw different tasks.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        if cfg.task_args:
+            raise ValueError(f"unknown sinusoid task_args {sorted(cfg.task_args)}")
+
+    @property
+    def info(self) -> TaskInfo:
+        return TaskInfo((1,), 1, 1, regression=True)
+
+    def loader(self, part: str, episodes: int, seed: int, start: int = 0) -> Iterable[Any]:
+        c = self.cfg
+        train = part == "train"
+        return sinusoid_loader(
+            c.train_shots if train else c.shots, c.train_queries if train else c.queries,
+            episodes, c.meta_batch, seed, part, start,
+        )
+
+
 TASKS: dict[str, type[TaskSource]] = {"omniglot": OmniglotSource, "folder": FolderSource}
+TASKS["sinusoid"] = SinusoidSource
 
 
 def build_source(cfg: Config) -> TaskSource:

@@ -1,0 +1,300 @@
+"""MAML meta-iterations per second and peak memory: metashot against the peers that install here.
+
+Every case runs in its own subprocess (so that ``ru_maxrss`` is that case's peak resident memory) on the
+same work: a Conv4 with batch norm (batch statistics) and a linear head, random 1x28x28 inputs, 5-way
+1-shot 5-query tasks, a meta-batch of 32, 1 inner step with alpha 0.4, Adam outer step. Prints one JSON
+line per case (median seconds per meta-iteration, peak RSS in MB, and the peak above the process's RSS
+just before the first iteration), then one line per order with the ratios of the fastest peer's time
+to metashot's, all measured in this run.
+
+    python benchmarks/maml_speed.py                       # the comparison, 2nd and 1st order
+    python benchmarks/maml_speed.py --iters 3 --warmup 1  # a quick check
+    python benchmarks/maml_speed.py --sweep               # metashot's peak memory vs steps and meta-batch
+
+Peers: higher and torchopt (``pip install higher torchopt``); learn2learn if it imports. metashot runs
+as its trainer runs it, with ``keep_freed_memory()`` (glibc keeps freed buffers); ``--peer-malloc keep``
+gives the peers the same setting, for the ratio of the algorithms alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CASES = ["metashot-loop", "metashot-loop-graph", "metashot-vmap", "torch-loop", "higher", "torchopt",
+         "learn2learn"]
+PEERS = ["higher", "torchopt", "learn2learn"]
+
+
+def make_net(net: str, ways: int) -> nn.Module:
+    from metashot.nn.backbones import Conv4
+
+    if net == "strided":  # the MAML paper's Omniglot network
+        conv = Conv4(1, 64, 64, strided=True, track_running_stats=False)
+        return nn.Sequential(*list(conv)[:-1], nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, ways))
+    return nn.Sequential(Conv4(1, 64, 64, track_running_stats=False), nn.Linear(64, ways))  # max-pooled
+
+
+def make_batch(b: int, ways: int, shots: int, queries: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    xs = torch.rand(b, ways * shots, 1, 28, 28, generator=g)
+    xq = torch.rand(b, ways * queries, 1, 28, 28, generator=g)
+    ys = torch.arange(ways).repeat_interleave(shots).expand(b, -1).contiguous()
+    yq = torch.arange(ways).repeat_interleave(queries).expand(b, -1).contiguous()
+    return xs, ys, xq, yq
+
+
+def step_fn(case: str, model: nn.Module, a: argparse.Namespace) -> Callable[[tuple], None]:
+    """One meta-iteration of ``case``: inner loops, outer gradient, Adam step."""
+    second = a.order == 2
+    lr, steps = a.inner_lr, a.steps
+
+    if case.startswith("metashot"):
+        from metashot.data.fewshot import Episode
+        from metashot.methods.maml import MAML
+
+        method = MAML(model, lr, steps, first_order=not second, adapt_norm=a.adapt_norm,
+                      tasks="vmap" if case == "metashot-vmap" else "loop",
+                      per_task_backward=case != "metashot-loop-graph")
+        opt = torch.optim.Adam(method.parameters(), 1e-3)
+
+        def run(batch: tuple) -> None:
+            loss, _ = method.loss(Episode(*batch))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return run
+
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+
+    if case == "torch-loop":  # a plain functional loop: the sum of the query losses, one backward
+        from torch.func import functional_call
+
+        names = [n for n, _ in model.named_parameters()]
+
+        def run(batch: tuple) -> None:
+            xs, ys, xq, yq = batch
+            params = dict(model.named_parameters())
+            total = 0.0
+            for i in range(xs.shape[0]):
+                fast = params
+                for _ in range(steps):
+                    loss = F.cross_entropy(functional_call(model, fast, (xs[i],)), ys[i])
+                    grads = torch.autograd.grad(loss, list(fast.values()), create_graph=second)
+                    fast = {n: w - lr * g for n, w, g in zip(names, fast.values(), grads)}
+                total = total + F.cross_entropy(functional_call(model, fast, (xq[i],)), yq[i])
+            opt.zero_grad(set_to_none=True)
+            (total / xs.shape[0]).backward()
+            opt.step()
+
+        return run
+
+    if case == "higher":
+        import higher
+
+        inner = torch.optim.SGD(model.parameters(), lr)
+
+        def run(batch: tuple) -> None:
+            xs, ys, xq, yq = batch
+            b = xs.shape[0]
+            opt.zero_grad(set_to_none=True)
+            for i in range(b):
+                with higher.innerloop_ctx(model, inner, copy_initial_weights=False,
+                                          track_higher_grads=second) as (fmodel, diffopt):
+                    for _ in range(steps):
+                        diffopt.step(F.cross_entropy(fmodel(xs[i]), ys[i]))
+                    loss = F.cross_entropy(fmodel(xq[i]), yq[i]) / b
+                    if second:
+                        loss.backward()
+                    else:  # first order: the query gradient at the adapted weights, onto the initial ones
+                        grads = torch.autograd.grad(loss, list(fmodel.parameters()))
+                        for p, g in zip(model.parameters(), grads):
+                            p.grad = g if p.grad is None else p.grad + g
+            opt.step()
+
+        return run
+
+    if case == "torchopt":
+        import torchopt
+
+        if second:  # torchopt's MAML recipe: MetaSGD, extract / recover the state per task
+            inner_opt = torchopt.MetaSGD(model, lr=lr)
+
+            def run(batch: tuple) -> None:
+                xs, ys, xq, yq = batch
+                b = xs.shape[0]
+                opt.zero_grad(set_to_none=True)
+                net_state = torchopt.extract_state_dict(model)
+                optim_state = torchopt.extract_state_dict(inner_opt)
+                for i in range(b):
+                    for _ in range(steps):
+                        inner_opt.step(F.cross_entropy(model(xs[i]), ys[i]))
+                    (F.cross_entropy(model(xq[i]), yq[i]) / b).backward()
+                    torchopt.recover_state_dict(model, net_state)
+                    torchopt.recover_state_dict(inner_opt, optim_state)
+                opt.step()
+
+            return run
+        from torch.func import functional_call
+
+        sgd = torchopt.sgd(lr)
+        names = [n for n, _ in model.named_parameters()]
+
+        def run(batch: tuple) -> None:  # first order: torchopt's functional API, no graph of the step
+            xs, ys, xq, yq = batch
+            b = xs.shape[0]
+            opt.zero_grad(set_to_none=True)
+            for i in range(b):
+                fast = tuple(model.parameters())
+                state = sgd.init(fast)
+                for _ in range(steps):
+                    loss = F.cross_entropy(functional_call(model, dict(zip(names, fast)), (xs[i],)), ys[i])
+                    grads = torch.autograd.grad(loss, fast)
+                    updates, state = sgd.update(grads, state, inplace=False)
+                    fast = torchopt.apply_updates(fast, updates, inplace=False)
+                pred = functional_call(model, dict(zip(names, fast)), (xq[i],))
+                (F.cross_entropy(pred, yq[i]) / b).backward()
+            opt.step()
+
+        return run
+
+    if case == "learn2learn":
+        import learn2learn as l2l
+
+        maml = l2l.algorithms.MAML(model, lr=lr, first_order=not second)
+
+        def run(batch: tuple) -> None:
+            xs, ys, xq, yq = batch
+            b = xs.shape[0]
+            opt.zero_grad(set_to_none=True)
+            for i in range(b):
+                learner = maml.clone()
+                for _ in range(steps):
+                    learner.adapt(F.cross_entropy(learner(xs[i]), ys[i]))
+                (F.cross_entropy(learner(xq[i]), yq[i]) / b).backward()
+            opt.step()
+
+        return run
+    raise ValueError(f"unknown case {case!r}")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_case(a: argparse.Namespace) -> dict[str, Any]:
+    """Time one case in this process (the child)."""
+    torch.set_num_threads(a.threads)
+    if a.malloc == "keep":
+        from metashot.train import keep_freed_memory
+
+        keep_freed_memory()
+    torch.manual_seed(0)
+    model = make_net(a.net, a.ways)
+    batch = make_batch(a.meta_batch, a.ways, a.shots, a.queries)
+    run = step_fn(a.case, model, a)
+    base = rss_mb()
+    times, cpu = [], []
+    for i in range(a.warmup + a.iters):
+        t, c = time.perf_counter(), time.process_time()
+        run(batch)
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "case": a.case, "order": a.order, "net": a.net, "meta_batch": a.meta_batch, "steps": a.steps,
+        "malloc": a.malloc, "threads": a.threads, "s_per_iter": round(statistics.median(times), 4),
+        "cpu_s_per_iter": round(statistics.median(cpu), 4),
+        "iters": a.iters, "peak_rss_mb": round(peak, 1), "peak_above_start_mb": round(peak - base, 1),
+    }
+
+
+def spawn(a: argparse.Namespace, **over: Any) -> dict[str, Any] | None:
+    args = {**vars(a), **over}
+    cmd = [sys.executable, __file__, "--child"]
+    for k in ("case", "order", "net", "meta_batch", "steps", "malloc", "threads", "iters", "warmup",
+              "ways", "shots", "queries", "inner_lr"):
+        cmd += [f"--{k.replace('_', '-')}", str(args[k])]
+    cmd += ["--adapt-norm"] if args["adapt_norm"] else ["--no-adapt-norm"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        print(json.dumps({"case": args["case"], "order": args["order"], "skipped": last}), flush=True)
+        return None
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
+    p.add_argument("--orders", nargs="+", type=int, default=[2, 1], choices=[1, 2])
+    p.add_argument("--net", default="maxpool", choices=["maxpool", "strided"],
+                   help="Conv4 with max-pooling (the peers' usual) or the MAML paper's strided Conv4")
+    p.add_argument("--meta-batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--ways", type=int, default=5)
+    p.add_argument("--shots", type=int, default=1)
+    p.add_argument("--queries", type=int, default=5)
+    p.add_argument("--inner-lr", type=float, default=0.4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--iters", type=int, default=10, help="timed iterations per case (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--peer-malloc", default="default", choices=["default", "keep"])
+    p.add_argument("--adapt-norm", action=argparse.BooleanOptionalAction, default=True,
+                   help="metashot adapts batch-norm scale/shift too, the same work as the peers do")
+    p.add_argument("--sweep", action="store_true",
+                   help="metashot's peak memory against inner steps and meta-batch, 1st and 2nd order")
+    # the child's own arguments
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    p.add_argument("--order", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--malloc", default="keep", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        print(json.dumps(run_case(a)))
+        return
+    if a.sweep:
+        for order in a.orders:
+            for case in ("metashot-loop", "metashot-loop-graph", "metashot-vmap"):
+                for steps, mb in ((1, 8), (1, 32), (2, 32), (5, 32), (1, 64)):
+                    spawn(a, case=case, order=order, steps=steps, meta_batch=mb, malloc="default")
+        return
+    for order in a.orders:
+        res = {}
+        for case in a.cases:
+            peer = not case.startswith("metashot")
+            r = spawn(a, case=case, order=order, malloc=a.peer_malloc if peer else "keep")
+            if r is not None:
+                res[case] = r
+        peers = {c: r for c, r in res.items() if c in PEERS}
+        if peers and any(c.startswith("metashot") for c in res):
+            fastest = min(peers, key=lambda c: peers[c]["s_per_iter"])
+            ratios = {
+                c: round(peers[fastest]["s_per_iter"] / r["s_per_iter"], 3)
+                for c, r in res.items() if c.startswith("metashot") or c == "torch-loop"
+            }
+            mem = {c: round(r["peak_above_start_mb"] / peers[fastest]["peak_above_start_mb"], 3)
+                   for c, r in res.items() if c.startswith("metashot")}
+            print(json.dumps({"order": order, "fastest_peer": fastest,
+                              "speedup_vs_fastest_peer": ratios, "memory_vs_fastest_peer": mem}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

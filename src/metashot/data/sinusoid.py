@@ -1,0 +1,137 @@
+"""Sinusoid regression, exactly as in MAML (Finn et al. 2017, section 5.1).
+
+A task is y = A sin(x + phi) with amplitude A ~ U[0.1, 5.0] and phase phi ~ U[0, pi]; its K support and Q
+query points have x ~ U[-5, 5]. An episode is an :class:`~metashot.data.fewshot.Episode` with float
+inputs and targets: support [K, 1], support_labels [K, 1] (the y values), query [Q, 1], query_labels
+[Q, 1]; a batch adds a leading [B]. Episode ``i`` of a sampler depends only on ``(seed, part, i)``, as
+with :class:`~metashot.data.fewshot.EpisodeSampler`, so a resumed run or another process draws the same
+tasks; the parts "train", "val" and "test" draw different tasks from the same distribution. The numbers
+are counter-based hashes (splitmix64), so a whole meta-batch is drawn in a few vectorised operations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from metashot.data.fewshot import Episode
+
+AMPLITUDE = (0.1, 5.0)
+PHASE = (0.0, math.pi)
+X_RANGE = (-5.0, 5.0)
+PARTS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Sinusoid:
+    """One task, y = amplitude * sin(x + phase)."""
+
+    amplitude: float
+    phase: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.amplitude * torch.sin(x + self.phase)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic): a counter-based hash."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def uniforms(key: int, episodes: np.ndarray, n: int) -> np.ndarray:
+    """[len(episodes), n] uniforms in [0, 1), each a hash of (key, episode, column): vectorised,
+    and episode ``i``'s numbers depend on nothing else."""
+    golden = np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        base = _mix(np.array([key], np.uint64) * golden + golden)
+        rows = _mix(base ^ episodes.astype(np.uint64)[:, None])
+        cols = (np.arange(1, n + 1, dtype=np.uint64) * golden)[None, :]
+        bits = _mix(rows + cols)
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+class SinusoidSampler:
+    """Draws ``episodes`` sinusoid tasks with ``shots`` support and ``queries`` query points each.
+
+    Episode ``i``'s amplitude, phase and inputs are hashes of (seed, part, i). ``start`` skips the
+    first episodes (to resume); ``rank``/``world_size`` keep every ``world_size``-th episode (to
+    shard over processes).
+    """
+
+    def __init__(
+        self,
+        shots: int,
+        queries: int,
+        episodes: int,
+        seed: int = 0,
+        part: str = "train",
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if shots < 1 or queries < 0:
+            raise ValueError(f"need shots >= 1 and queries >= 0, got {shots}, {queries}")
+        if part not in PARTS:
+            raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+        self.shots, self.queries, self.episodes = shots, queries, episodes
+        self.seed, self.part, self.start = seed, part, start
+        self.rank, self.world_size = rank, world_size
+        self.key = seed * len(PARTS) + PARTS.index(part)
+
+    def _draw(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        u = uniforms(self.key, indices, 2 + self.shots + self.queries)
+        amplitude = AMPLITUDE[0] + (AMPLITUDE[1] - AMPLITUDE[0]) * u[:, 0]
+        phase = PHASE[0] + (PHASE[1] - PHASE[0]) * u[:, 1]
+        x = X_RANGE[0] + (X_RANGE[1] - X_RANGE[0]) * u[:, 2:]
+        return amplitude, phase, x
+
+    def task(self, i: int) -> Sinusoid:
+        """The function of episode ``i``."""
+        amplitude, phase, _ = self._draw(np.array([i]))
+        return Sinusoid(float(amplitude[0]), float(phase[0]))
+
+    def episodes_at(self, indices: list[int]) -> Episode:
+        """Episodes ``indices`` as a batch: support [B, K, 1], targets [B, K, 1], query [B, Q, 1], ..."""
+        amplitude, phase, x = self._draw(np.asarray(indices))
+        y = amplitude[:, None] * np.sin(x + phase[:, None])
+        xt = torch.from_numpy(x).float().unsqueeze(-1)
+        yt = torch.from_numpy(y).float().unsqueeze(-1)
+        k = self.shots
+        return Episode(xt[:, :k], yt[:, :k], xt[:, k:], yt[:, k:])
+
+    def episode(self, i: int) -> Episode:
+        """Episode ``i``: support [K, 1], targets [K, 1], query [Q, 1], targets [Q, 1]."""
+        e = self.episodes_at([i])
+        return Episode(e.support[0], e.support_labels[0], e.query[0], e.query_labels[0])
+
+    def indices(self) -> range:
+        return range(self.start + self.rank, self.episodes, self.world_size)
+
+    def __iter__(self) -> Iterator[Episode]:
+        for i in self.indices():
+            yield self.episode(i)
+
+    def __len__(self) -> int:
+        return len(self.indices())
+
+
+def sinusoid_loader(
+    shots: int,
+    queries: int,
+    episodes: int,
+    meta_batch: int = 1,
+    seed: int = 0,
+    part: str = "train",
+    start: int = 0,
+) -> Iterator[Episode]:
+    """Batches of ``meta_batch`` sinusoid episodes ([B, ...] :class:`Episode`), ``episodes`` in all."""
+    sampler = SinusoidSampler(shots, queries, episodes, seed, part, start)
+    indices = sampler.indices()
+    for i in range(0, len(indices), meta_batch):
+        yield sampler.episodes_at(list(indices[i : i + meta_batch]))
