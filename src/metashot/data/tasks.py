@@ -17,6 +17,13 @@ import torch
 from metashot.config import Config
 from metashot.data.fewshot import FewShotDataset, episode_loader
 from metashot.data.omniglot import Omniglot
+from metashot.data.sequences import (
+    LABEL_MODES,
+    STRING_LENGTH,
+    STRING_SYMBOLS,
+    SequenceTaskInfo,
+    sequence_loader,
+)
 from metashot.data.sinusoid import sinusoid_loader
 from metashot.methods.base import TaskInfo
 
@@ -117,6 +124,63 @@ class FolderSource(FewShotSource):
         return self._parts[part]
 
 
+class OmniglotSequenceSource(TaskSource):
+    """Omniglot sequence episodes for MANN (Santoro et al. 2016), batches of ``cfg.meta_batch``.
+
+    task_args: classes (default ``cfg.ways``), instances (10), labels ("onehot" or "string"),
+    image_size (20), split ("random"), rotations (True: rotations by 90 degrees are new classes),
+    val_characters (172), max_rotation (degrees, 15) and max_shift (pixels, 2) of the training
+    augmentation (0 turns it off; validation and test episodes are never augmented).
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        args = dict(cfg.task_args)
+        self.classes = int(args.pop("classes", cfg.ways))
+        self.instances = int(args.pop("instances", 10))
+        self.labels = args.pop("labels", "onehot")
+        self.image_size = args.pop("image_size", 20)
+        self.split = args.pop("split", "random")
+        self.rotations = args.pop("rotations", True)
+        self.val_characters = args.pop("val_characters", 172)
+        self.max_rotation = float(args.pop("max_rotation", 15.0))
+        self.max_shift = float(args.pop("max_shift", 2.0))
+        if args:
+            raise ValueError(f"unknown omniglot-sequences task_args {sorted(args)}")
+        if self.labels not in LABEL_MODES:
+            raise ValueError(f"labels must be one of {LABEL_MODES}, got {self.labels!r}")
+        self._parts: dict[str, FewShotDataset] = {}
+
+    @property
+    def info(self) -> SequenceTaskInfo:
+        string = self.labels == "string"
+        return SequenceTaskInfo(
+            (1, self.image_size, self.image_size), self.classes, self.classes,
+            label_groups=STRING_LENGTH if string else 1,
+            label_values=STRING_SYMBOLS if string else self.classes,
+            steps=self.classes * self.instances,
+        )
+
+    @cached_property
+    def omniglot(self) -> Omniglot:
+        return Omniglot.load(self.cfg.data_dir, self.image_size)
+
+    def dataset(self, part: str) -> FewShotDataset:
+        if part not in self._parts:
+            self._parts[part] = self.omniglot.classes(
+                self.split, part, self.rotations, self.cfg.seed, self.val_characters
+            )
+        return self._parts[part]
+
+    def loader(self, part: str, episodes: int, seed: int, start: int = 0) -> Iterable[Any]:
+        train = part == "train"
+        return sequence_loader(
+            self.dataset(part), self.classes, self.instances, episodes, self.cfg.meta_batch,
+            self.labels, self.max_rotation if train else 0.0, self.max_shift if train else 0.0,
+            seed=seed, start=start,
+        )
+
+
 class SinusoidSource(TaskSource):
     """Sinusoid regression (MAML section 5.1): ``shots`` support and ``queries`` query points per task.
 
@@ -143,6 +207,7 @@ class SinusoidSource(TaskSource):
 
 TASKS: dict[str, type[TaskSource]] = {"omniglot": OmniglotSource, "folder": FolderSource}
 TASKS["sinusoid"] = SinusoidSource
+TASKS["omniglot-sequences"] = OmniglotSequenceSource
 
 
 def build_source(cfg: Config) -> TaskSource:

@@ -3,10 +3,13 @@
 from metashot.methods.base import Method, TaskInfo
 from metashot.methods.kernel import MetricMethod, RBFKernel, class_log_probs
 from metashot.methods.maml import MAML, MAMLRegression
+from metashot.methods.mann import MANN, LSTMBaseline
 from metashot.methods.matching import MatchingKernel, MatchingNetwork
 from metashot.methods.protonet import ProtoNet, PrototypeKernel
 
 METHODS: dict[str, type[Method]] = {"protonet": ProtoNet, "matching": MatchingNetwork}
+METHODS["mann"] = MANN
+METHODS["lstm"] = LSTMBaseline
 METHODS["maml"] = MAML
 
 __all__ = [

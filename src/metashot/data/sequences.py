@@ -1,0 +1,202 @@
+"""Sequence episodes for memory-augmented networks (Santoro et al. 2016): labelled images one at a time.
+
+An episode draws C classes, gives them labels shuffled for that episode, and presents ``instances``
+examples of each class in a random order (T = C * instances steps). Labels are class indices
+("onehot": y [T] in 0..C-1) or the paper's five-character strings ("string": y [T, 5], each character
+in 0..4, the C strings distinct, drawn from the 3,125 possible). ``instance`` [T] counts the
+presentations of the step's class so far (1 at its first appearance). Training images get random
+small rotations and translations, applied to the whole batch with one ``affine_grid``/``grid_sample``.
+
+Episode ``i`` depends only on ``(seed, i)`` (as :class:`~metashot.data.fewshot.EpisodeSampler`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from metashot.data.fewshot import FewShotDataset
+from metashot.methods.base import TaskInfo
+
+LABEL_MODES = ("onehot", "string")
+STRING_LENGTH = 5  # characters per string label
+STRING_SYMBOLS = 5  # values per character: 5 ** 5 = 3,125 labels
+
+
+@dataclass(frozen=True)
+class SequenceTaskInfo(TaskInfo):
+    """A :class:`TaskInfo` for sequence episodes: labels are ``label_groups`` independent
+    categorical variables of ``label_values`` values each (one-hot: 1 group of C; strings: 5 of 5)."""
+
+    label_groups: int = 1
+    label_values: int = 0
+    steps: int = 0
+
+
+@dataclass
+class SequenceBatch:
+    """B sequence episodes of T steps.
+
+    x: [B, T, C, H, W] float images; y: [B, T] class labels (one-hot mode) or [B, T, 5] string
+    characters; instance: [B, T] int, the n-th presentation of the step's class (1-based).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    instance: torch.Tensor
+
+    def to(self, device: torch.device | str) -> SequenceBatch:
+        return type(self)(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+@dataclass(frozen=True)
+class SequenceIndex:
+    """One episode as the sampler draws it: flat image ``indices`` [T], labels ``y`` [T] or [T, 5],
+    ``instance`` [T] and augmentation ``theta`` [T, 2, 3] (None without augmentation): rotation,
+    then a translation in pixels (the collate scales it to the image size)."""
+
+    indices: torch.Tensor
+    y: torch.Tensor
+    instance: torch.Tensor
+    theta: torch.Tensor | None
+
+
+def string_labels(codes: torch.Tensor) -> torch.Tensor:
+    """Label codes in 0..3124, any shape [...], as five base-5 characters [..., 5]."""
+    powers = STRING_SYMBOLS ** torch.arange(STRING_LENGTH - 1, -1, -1, device=codes.device)
+    return codes.unsqueeze(-1).div(powers, rounding_mode="floor").remainder(STRING_SYMBOLS)
+
+
+def instance_counts(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """For a class sequence [..., T], the 1-based count of each step's class so far, [..., T]."""
+    seen = F.one_hot(classes, num_classes).cumsum(-2)
+    return seen.gather(-1, classes.unsqueeze(-1)).squeeze(-1)
+
+
+class SequenceSampler(Sampler[SequenceIndex]):
+    """Draws ``episodes`` sequence episodes of ``classes`` classes x ``instances`` examples.
+
+    Classes without replacement; examples of a class without replacement; a random order of the
+    T = classes * instances steps. With ``max_rotation`` (degrees) or ``max_shift`` (pixels) above 0,
+    each image gets a uniform random rotation in +-max_rotation and shift in +-max_shift per axis.
+    Episode ``i`` is drawn from a generator seeded with ``(seed, i)``; ``start`` skips episodes.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        examples_per_class: int,
+        classes: int,
+        instances: int,
+        episodes: int,
+        labels: str = "onehot",
+        max_rotation: float = 0.0,
+        max_shift: float = 0.0,
+        seed: int = 0,
+        start: int = 0,
+    ) -> None:
+        if labels not in LABEL_MODES:
+            raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
+        if classes > num_classes:
+            raise ValueError(f"{classes}-class episodes need {classes} classes, the data has {num_classes}")
+        if not 1 <= instances <= examples_per_class:
+            raise ValueError(f"instances must be in 1..{examples_per_class}, got {instances}")
+        if labels == "string" and classes > STRING_SYMBOLS**STRING_LENGTH:
+            raise ValueError(f"at most {STRING_SYMBOLS**STRING_LENGTH} distinct string labels")
+        self.num_classes, self.examples_per_class = num_classes, examples_per_class
+        self.classes, self.instances, self.labels = classes, instances, labels
+        self.max_rotation, self.max_shift = max_rotation, max_shift
+        self.episodes, self.seed, self.start = episodes, seed, start
+
+    @property
+    def augment(self) -> bool:
+        return self.max_rotation > 0 or self.max_shift > 0
+
+    def episode(self, i: int) -> SequenceIndex:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        c, k, t = self.classes, self.instances, self.classes * self.instances
+        chosen = torch.randperm(self.num_classes, generator=g)[:c]  # position = the episode's label
+        examples = torch.rand(c, self.examples_per_class, generator=g).argsort(dim=1)[:, :k]
+        order = torch.randperm(t, generator=g)
+        label = torch.arange(c).repeat_interleave(k)[order]  # [T] episode class of each step
+        indices = (chosen.unsqueeze(1) * self.examples_per_class + examples).reshape(-1)[order]
+        if self.labels == "string":
+            codes = torch.randperm(STRING_SYMBOLS**STRING_LENGTH, generator=g)[:c]
+            y = string_labels(codes)[label]
+        else:
+            y = label
+        theta = None
+        if self.augment:
+            angle = (torch.rand(t, generator=g) * 2 - 1) * math.radians(self.max_rotation)
+            shift = (torch.rand(t, 2, generator=g) * 2 - 1) * self.max_shift
+            cos, sin = angle.cos(), angle.sin()
+            theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
+                                 torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+        return SequenceIndex(indices, y, instance_counts(label, c), theta)
+
+    def __iter__(self) -> Iterator[SequenceIndex]:
+        for i in range(self.start, self.episodes):
+            yield self.episode(i)
+
+    def __len__(self) -> int:
+        return max(0, self.episodes - self.start)
+
+
+class SequenceDataset(Dataset):
+    """Serves :class:`SequenceIndex` items of ``data`` to a DataLoader; :meth:`collate` gathers the
+    batch's images with one tensor index and augments them with one ``grid_sample``."""
+
+    def __init__(self, data: FewShotDataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, item: SequenceIndex) -> SequenceIndex:
+        return item
+
+    def collate(self, items: Sequence[SequenceIndex]) -> SequenceBatch:
+        indices = torch.stack([it.indices for it in items])  # [B, T]
+        x = self.data.gather(indices)  # [B, T, C, H, W]
+        if items[0].theta is not None:
+            b, t = indices.shape
+            flat = x.reshape(b * t, *x.shape[2:])
+            theta = torch.cat([it.theta for it in items]).to(flat.dtype)
+            # pixels to affine_grid's [-1, 1] coordinates
+            theta[:, :, 2] *= torch.tensor([2.0 / flat.shape[-1], 2.0 / flat.shape[-2]])
+            grid = F.affine_grid(theta, list(flat.shape), align_corners=False)
+            x = F.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros",
+                              align_corners=False).reshape(x.shape)
+        return SequenceBatch(x, torch.stack([it.y for it in items]),
+                             torch.stack([it.instance for it in items]))
+
+
+def sequence_loader(
+    data: FewShotDataset,
+    classes: int,
+    instances: int,
+    episodes: int,
+    batch_size: int = 16,
+    labels: str = "onehot",
+    max_rotation: float = 0.0,
+    max_shift: float = 0.0,
+    seed: int = 0,
+    start: int = 0,
+    num_workers: int = 0,
+) -> DataLoader:
+    """Batches (:class:`SequenceBatch`) of ``batch_size`` sequence episodes, ``episodes`` in all."""
+    sampler = SequenceSampler(
+        data.num_classes, data.examples_per_class, classes, instances, episodes, labels,
+        max_rotation, max_shift, seed, start,
+    )
+    dataset = SequenceDataset(data)
+    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, collate_fn=dataset.collate,
+                      num_workers=num_workers)
