@@ -127,11 +127,14 @@ def plot_instances(results: list[Path], out: Path, names: list[str] | None = Non
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    ticks: set[int] = set()
     for i, path in enumerate(results):
         name, s = _instance_stats(path)
         n = list(s)
+        ticks.update(n)
         ax.errorbar(n, [100 * s[k][0] for k in n], yerr=[100 * s[k][1] for k in n], marker="o",
                     capsize=3, label=names[i] if names else name)
+    ax.set_xticks(sorted(ticks))
     ax.set_xlabel("instance of the class in the episode")
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
