@@ -5,8 +5,8 @@ For every task T_i of a meta-batch the inner loop adapts the parameters theta on
 
     theta_i' = theta - alpha * grad_theta L_{T_i}^{support}(f_theta)
 
-and the outer loop (eq. 2 / Algorithm 2) updates theta with the gradient of the query losses at the
-adapted parameters, taken through the inner steps:
+and the outer loop (eq. 3, the gradient of the meta-objective of eq. 2; Algorithm 2) updates theta
+with the gradient of the query losses at the adapted parameters, taken through the inner steps:
 
     theta <- theta - beta * grad_theta sum_i L_{T_i}^{query}(f_{theta_i'})
 
@@ -27,10 +27,15 @@ meta-training pass (support and query), and in ``eval()`` mode every example is 
 independently of the other examples of its task.
 
 Tasks of a meta-batch run in a Python loop (``tasks="loop"``) or batched with ``torch.vmap``
-(``tasks="vmap"``); ``"auto"`` picks the loop on CPU, where it is about 2x faster and uses less
-memory, and vmap on other devices. The vmap path normalises with batch statistics computed by plain
-tensor operations, since vmap through ``F.batch_norm`` gives a wrong second-order meta-gradient on
-torch 2.13 (pytorch/functorch#534); a test checks that both paths give the same meta-gradient.
+(``tasks="vmap"``). ``"auto"`` picks, as measured on CPU (one thread, 5-way 1-shot, meta-batch 32):
+the loop for models with convolutions (as fast as vmap with the strided Conv4, 1.7x faster with the
+max-pooled one, and 4-20x less memory), vmap for the others (5x faster on the sinusoid MLP), and vmap
+on GPUs, where one batched kernel replaces B small ones (not measured yet). The vmap path
+normalises with batch statistics computed by plain tensor operations (:class:`PlainBatchNorm`): on
+torch 2.13, vmap through
+``F.batch_norm`` gives a wrong second-order meta-gradient when the norm layers' scale and shift are
+batched, i.e. adapted per task (relative error ~1e-3 in float64; functorch#534). A test checks that
+both paths give the same meta-gradient on the Conv4 with batch norm, adapted norm layers or not.
 The loop path back-propagates each task's query loss as soon as it is computed (``per_task_backward``)
 so that only one task's graph is alive at a time: peak memory does not grow with the meta-batch.
 """
@@ -114,9 +119,9 @@ class MAML(Method):
     training; test_inner_steps: in ``evaluate`` (default inner_steps); first_order: FOMAML;
     batch_norm: "transductive" (batch statistics, the paper's) or "inductive" (running statistics);
     adapt_norm: also adapt normalisation layers' scale and shift; tasks: "loop", "vmap" or "auto"
-    (loop on CPU, vmap elsewhere); per_task_backward: in the loop, back-propagate each task as soon
-    as its query loss is known (one task's graph in memory at a time; the returned loss then carries
-    gradients to the model's parameters only).
+    (the loop for conv models on CPU, else vmap); per_task_backward: in the loop, back-propagate each
+    task as soon as its query loss is known (one task's graph in memory at a time; the returned loss
+    then carries gradients to the model's parameters only).
 
     ``loss(batch)`` adapts with ``inner_steps`` and reports the query metrics after adaptation;
     ``evaluate(batch)`` adapts with ``test_inner_steps`` and reports them after every step 0..N
@@ -273,7 +278,7 @@ class MAML(Method):
         return out
 
     def _use_vmap(self, batch: Episode) -> bool:
-        if self.tasks == "auto":  # measured on CPU: the loop is ~2x faster for Conv4, vmap ~5x for the MLP
+        if self.tasks == "auto":  # see the module docstring for the measurements behind this rule
             return batch.support.device.type != "cpu" or not self._has_conv
         return self.tasks == "vmap"
 
