@@ -77,11 +77,25 @@ def parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     pl.add_argument("run_dirs", type=Path, nargs="+", help="run folders")
     pl.add_argument("--out", type=Path, default=Path("curves.png"), help="PNG to write")
+    ps = sub.add_parser("plot-sinusoid", help="the MAML paper's sinusoid figure for a maml-sinusoid run",
+                        description="Draw a test task's true function, its K points, and the model's "
+                        "prediction before and after the given inner steps.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ps.add_argument("run_dir", type=Path, help="a maml run on the sinusoid task")
+    ps.add_argument("--out", type=Path, default=Path("sinusoid.png"), help="PNG to write")
+    ps.add_argument("--episode", type=int, default=0, help="which test task")
+    ps.add_argument("--shots", type=int, help="K support points (default: the run's test shots)")
+    ps.add_argument("--steps", type=int, nargs="+", default=[1, 10], help="inner steps to draw")
+    pi = sub.add_parser("plot-instances", help="test accuracy by instance (MANN/LSTM), one line per run",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pi.add_argument("results", type=Path, nargs="+", help="run folders or result.json files")
+    pi.add_argument("--names", nargs="+", help="legend names, one per run (default: folder names)")
+    pi.add_argument("--out", type=Path, default=Path("instances.png"), help="PNG to write")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    name = args.preset or presets.DEFAULT_PRESET.get(args.method)
+    name = args.preset or presets.default_preset(args.method, args.task)
     cfg = presets.get(name) if name else Config(method=args.method)
     if cfg.method != args.method:
         raise SystemExit(f"preset {name!r} is for {cfg.method}, not {args.method}")
@@ -110,13 +124,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "presets":
         for name, cfg in sorted(presets.PRESETS.items()):
-            print(f"{name:32} {cfg.method} {cfg.task} {cfg.ways}-way {cfg.shots}-shot, "
-                  f"train {cfg.train_ways}-way {cfg.train_queries} queries, {cfg.steps} steps")
+            print(f"{name:30} {presets.describe(cfg)}")
         return 0
     if args.command == "plot":
         from metashot.plot import plot_runs
 
         plot_runs(args.run_dirs, args.out)
+        print(args.out)
+        return 0
+    if args.command == "plot-sinusoid":
+        from metashot.plot import plot_sinusoid
+
+        plot_sinusoid(args.run_dir, args.out, args.episode, args.shots, tuple(args.steps))
+        print(args.out)
+        return 0
+    if args.command == "plot-instances":
+        from metashot.plot import instance_table, plot_instances
+
+        plot_instances(args.results, args.out, args.names)
+        print(instance_table(args.results, args.names))
         print(args.out)
         return 0
 

@@ -83,22 +83,23 @@ def _omniglot_mann(classes: int, labels: str, memory: bool = True) -> Config:
     )
 
 
+CELLS = [(w, k) for w in (5, 20) for k in (1, 5)]
 PRESETS: dict[str, Config] = {
-    f"protonet-omniglot-{w}w{k}s": _omniglot_protonet(w, k) for w in (5, 20) for k in (1, 5)
+    **{f"protonet-omniglot-{w}w{k}s": _omniglot_protonet(w, k) for w, k in CELLS},
+    **{f"matching-omniglot-{w}w{k}s": _omniglot_matching(w, k) for w, k in CELLS},
+    **{f"maml-omniglot-{w}w{k}s": _omniglot_maml(w, k) for w, k in CELLS},
+    "maml-sinusoid": _sinusoid_maml(),
+    "mann-omniglot-5class-onehot": _omniglot_mann(5, "onehot"),
+    "mann-omniglot-15class-string": _omniglot_mann(15, "string"),
+    "lstm-omniglot-5class-onehot": _omniglot_mann(5, "onehot", memory=False),
 }
-PRESETS.update(
-    {f"matching-omniglot-{w}w{k}s": _omniglot_matching(w, k) for w in (5, 20) for k in (1, 5)}
-)
-PRESETS.update({f"maml-omniglot-{w}w{k}s": _omniglot_maml(w, k) for w in (5, 20) for k in (1, 5)})
-PRESETS["maml-sinusoid"] = _sinusoid_maml()
-DEFAULT_PRESET = {"protonet": "protonet-omniglot-5w1s", "matching": "matching-omniglot-5w1s"}
-
-DEFAULT_PRESET["maml"] = "maml-omniglot-5w1s"
-PRESETS["mann-omniglot-5class-onehot"] = _omniglot_mann(5, "onehot")
-PRESETS["mann-omniglot-15class-string"] = _omniglot_mann(15, "string")
-PRESETS["lstm-omniglot-5class-onehot"] = _omniglot_mann(5, "onehot", memory=False)
-DEFAULT_PRESET["mann"] = "mann-omniglot-5class-onehot"
-DEFAULT_PRESET["lstm"] = "lstm-omniglot-5class-onehot"
+DEFAULT_PRESET = {
+    "protonet": "protonet-omniglot-5w1s",
+    "matching": "matching-omniglot-5w1s",
+    "maml": "maml-omniglot-5w1s",
+    "mann": "mann-omniglot-5class-onehot",
+    "lstm": "lstm-omniglot-5class-onehot",
+}
 
 
 def default_preset(method: str, task: str | None = None) -> str | None:
@@ -109,6 +110,20 @@ def default_preset(method: str, task: str | None = None) -> str | None:
         return name
     same = sorted(n for n, c in PRESETS.items() if c.method == method and c.task == task)
     return same[0] if same else name
+
+
+def describe(cfg: Config) -> str:
+    """One line: the method, the task and its shape, the training length."""
+    if cfg.task == "omniglot-sequences":
+        a = cfg.task_args
+        shape = f"{cfg.ways} classes x {a.get('instances', 10)} instances, {a.get('labels')} labels"
+    elif cfg.task == "sinusoid":
+        shape = f"K={cfg.train_shots} in training, K={cfg.shots} at test"
+    else:
+        shape = (f"{cfg.ways}-way {cfg.shots}-shot, trained {cfg.train_ways}-way "
+                 f"with {cfg.train_queries} queries per class")
+    batch = f" in meta-batches of {cfg.meta_batch}" if cfg.meta_batch > 1 else ""
+    return f"{cfg.method} on {cfg.task}: {shape}; {cfg.steps} steps{batch}"
 
 
 def get(name: str) -> Config:

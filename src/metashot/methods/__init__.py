@@ -7,12 +7,17 @@ from metashot.methods.mann import MANN, LSTMBaseline
 from metashot.methods.matching import MatchingKernel, MatchingNetwork
 from metashot.methods.protonet import ProtoNet, PrototypeKernel
 
-METHODS: dict[str, type[Method]] = {"protonet": ProtoNet, "matching": MatchingNetwork}
-METHODS["mann"] = MANN
-METHODS["lstm"] = LSTMBaseline
-METHODS["maml"] = MAML
+METHODS: dict[str, type[Method]] = {
+    "protonet": ProtoNet,
+    "matching": MatchingNetwork,
+    "maml": MAML,
+    "mann": MANN,
+    "lstm": LSTMBaseline,
+}
 
 __all__ = [
+    "LSTMBaseline",
+    "MANN",
     "METHODS",
     "MAML",
     "MAMLRegression",
