@@ -71,16 +71,22 @@ class FewShotSource(TaskSource):
 class OmniglotSource(FewShotSource):
     """Omniglot; task_args: split ("random"), image_size (28), rotations (True), val_characters (172)."""
 
+    default_image_size = 28
+
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
         args = dict(cfg.task_args)
-        self.image_size = args.pop("image_size", 28)
+        self.image_size = args.pop("image_size", self.default_image_size)
         self.split = args.pop("split", "random")
         self.rotations = args.pop("rotations", True)
         self.val_characters = args.pop("val_characters", 172)
+        self._parse(args)
         if args:
-            raise ValueError(f"unknown omniglot task_args {sorted(args)}")
+            raise ValueError(f"unknown {cfg.task} task_args {sorted(args)}")
         self._parts: dict[str, FewShotDataset] = {}
+
+    def _parse(self, args: dict[str, Any]) -> None:
+        """Pop a subclass's own task_args."""
 
     @cached_property
     def omniglot(self) -> Omniglot:
@@ -124,32 +130,24 @@ class FolderSource(FewShotSource):
         return self._parts[part]
 
 
-class OmniglotSequenceSource(TaskSource):
+class OmniglotSequenceSource(OmniglotSource):
     """Omniglot sequence episodes for MANN (Santoro et al. 2016), batches of ``cfg.meta_batch``.
 
-    task_args: classes (default ``cfg.ways``), instances (10), labels ("onehot" or "string"),
-    image_size (20), split ("random"), rotations (True: rotations by 90 degrees are new classes),
-    val_characters (172), max_rotation (degrees, 15) and max_shift (pixels, 2) of the training
-    augmentation (0 turns it off; validation and test episodes are never augmented).
+    task_args: those of "omniglot" (image_size 20 here), and classes (default ``cfg.ways``),
+    instances (10), labels ("onehot" or "string"), max_rotation (degrees, 15) and max_shift (pixels, 2)
+    of the training augmentation (0 turns it off; validation and test episodes are never augmented).
     """
 
-    def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
-        args = dict(cfg.task_args)
-        self.classes = int(args.pop("classes", cfg.ways))
+    default_image_size = 20
+
+    def _parse(self, args: dict[str, Any]) -> None:
+        self.classes = int(args.pop("classes", self.cfg.ways))
         self.instances = int(args.pop("instances", 10))
         self.labels = args.pop("labels", "onehot")
-        self.image_size = args.pop("image_size", 20)
-        self.split = args.pop("split", "random")
-        self.rotations = args.pop("rotations", True)
-        self.val_characters = args.pop("val_characters", 172)
         self.max_rotation = float(args.pop("max_rotation", 15.0))
         self.max_shift = float(args.pop("max_shift", 2.0))
-        if args:
-            raise ValueError(f"unknown omniglot-sequences task_args {sorted(args)}")
         if self.labels not in LABEL_MODES:
             raise ValueError(f"labels must be one of {LABEL_MODES}, got {self.labels!r}")
-        self._parts: dict[str, FewShotDataset] = {}
 
     @property
     def info(self) -> SequenceTaskInfo:
@@ -160,17 +158,6 @@ class OmniglotSequenceSource(TaskSource):
             label_values=STRING_SYMBOLS if string else self.classes,
             steps=self.classes * self.instances,
         )
-
-    @cached_property
-    def omniglot(self) -> Omniglot:
-        return Omniglot.load(self.cfg.data_dir, self.image_size)
-
-    def dataset(self, part: str) -> FewShotDataset:
-        if part not in self._parts:
-            self._parts[part] = self.omniglot.classes(
-                self.split, part, self.rotations, self.cfg.seed, self.val_characters
-            )
-        return self._parts[part]
 
     def loader(self, part: str, episodes: int, seed: int, start: int = 0) -> Iterable[Any]:
         train = part == "train"
@@ -205,9 +192,12 @@ class SinusoidSource(TaskSource):
         )
 
 
-TASKS: dict[str, type[TaskSource]] = {"omniglot": OmniglotSource, "folder": FolderSource}
-TASKS["sinusoid"] = SinusoidSource
-TASKS["omniglot-sequences"] = OmniglotSequenceSource
+TASKS: dict[str, type[TaskSource]] = {
+    "omniglot": OmniglotSource,
+    "folder": FolderSource,
+    "sinusoid": SinusoidSource,
+    "omniglot-sequences": OmniglotSequenceSource,
+}
 
 
 def build_source(cfg: Config) -> TaskSource:
