@@ -108,6 +108,10 @@ def test_cli_train_then_evaluate(omniglot_dir: Path, tmp_path: Path, capsys: pyt
     result = evaluate_run(run, episodes=30, ways=20)
     assert result.episodes == 30 and (run / "result-20w1s.json").exists()
 
+    png = tmp_path / "curves.png"
+    assert cli.main(["plot", str(run), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
 
 def test_cli_help_lists_defaults(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
