@@ -1,4 +1,5 @@
-"""Prototypical Networks training throughput on real Omniglot: metashot against easyfsl.
+"""Metric-based training throughput on real Omniglot: metashot against easyfsl, for Prototypical
+Networks (``--method protonet``, the default) or Matching Networks (``--method matching``).
 
 Prints one JSON line per measurement:
 
@@ -7,10 +8,12 @@ Prints one JSON line per measurement:
   written). The zips are read through the page cache: "cold" means no metashot cache, not a cold disk.
 - ``{"bench": "train", "library": ..., "episode": "5w1s15q", "malloc": ..., "episodes_per_s": ...}``: a
   full training step, data included, as each library is used: metashot as ``Trainer.fit`` runs it
-  (``episode_loader`` over ``Omniglot.classes("random", "train")``, ``ProtoNet.loss``, Adam, StepLR, the
-  running loss sum); easyfsl with its own data path (a ``FewShotDataset`` of single images with
+  (``episode_loader`` over ``Omniglot.classes("random", "train")``, the method's ``loss``, Adam, StepLR,
+  the running loss sum); easyfsl with its own data path (a ``FewShotDataset`` of single images with
   ``get_labels()``, its ``TaskSampler`` as batch sampler and its ``episodic_collate_fn``, then
-  ``process_support_set`` on the support images, the model on the query images, cross-entropy, Adam).
+  ``process_support_set`` on the support images, the model on the query images, its loss, Adam).
+  Matching Networks: easyfsl's are always the FCE variant, with as many attention-LSTM steps as support
+  examples; metashot's run with ``fce=True`` and the same number of processing steps.
   Both use metashot's ``Conv4`` built from the same seed, ``num_workers=0`` and ``--threads`` threads.
   ``data_share`` is the part of the step spent in ``next(loader)`` (sampling, gathering, collating).
 - ``{"bench": "ratio", ...}``: metashot's episodes/s over easyfsl's (median of the per-repeat ratios),
@@ -23,9 +26,10 @@ ratio, metashot as its trainer runs (``malloc: keep``) over easyfsl as it runs (
 pairs the two subprocesses of the same repeat; the ratios at one allocator setting pair the two
 libraries' runs inside one process.
 
-    python benchmarks/protonet_speed.py                                   # the whole comparison
-    OMP_NUM_THREADS=1 python benchmarks/protonet_speed.py --threads 1 --episodes 3 --repeats 1  # a check
-    python benchmarks/protonet_speed.py --no-easyfsl --episodes 5w1s15q=100 60w5s5q=20
+    python benchmarks/metric_speed.py                                   # ProtoNet: the whole comparison
+    python benchmarks/metric_speed.py --method matching --no-load       # Matching Networks (FCE)
+    OMP_NUM_THREADS=1 python benchmarks/metric_speed.py --threads 1 --episodes 3 --repeats 1  # a check
+    python benchmarks/metric_speed.py --no-easyfsl --episodes 5w1s15q=100 60w5s5q=20
 
 easyfsl: ``pip install easyfsl`` (it is not a metashot dependency). Its methods import torchvision;
 see ``import_easyfsl`` for the two lines it needs beside a CPU-only torch.
@@ -53,22 +57,23 @@ import torch.nn.functional as F
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
 ZIPS = ("images_background.zip", "images_evaluation.zip")
-SHAPES = {"5w1s15q": (5, 1, 15), "60w5s5q": (60, 5, 5)}
-DEFAULT_EPISODES = {"5w1s15q": 40, "60w5s5q": 10}
+SHAPES = {"5w1s15q": (5, 1, 15), "20w1s5q": (20, 1, 5), "60w5s5q": (60, 5, 5)}
+DEFAULT_EPISODES = {"5w1s15q": 40, "20w1s5q": 20, "60w5s5q": 10}
+DEFAULT_SHAPES = {"protonet": ["5w1s15q", "60w5s5q"], "matching": ["5w1s15q", "20w1s5q"]}
 LIBRARIES = ("metashot", "easyfsl")
 
 
 def import_easyfsl() -> Any:
-    """Import easyfsl's PrototypicalNetworks and TaskSampler, working around a torchvision mismatch.
+    """Import easyfsl's methods module and TaskSampler, working around a torchvision mismatch.
 
     ``easyfsl.methods`` imports torchvision (for its ResNets). The torchvision wheel from PyPI is built
     against a CUDA torch; beside a CPU-only torch its C extension does not load, and ``import
     torchvision`` then stops at ``register_fake("torchvision::nms")``: "operator torchvision::nms does not
     exist" (and, once that is defined, the same for ``torchvision::qnms``); every other op's
     registration is skipped when the extension is missing. Defining those two schemas and importing
-    again is enough: easyfsl's Prototypical Networks use neither op. Nothing is defined when torchvision
-    imports by itself (a matching build), so a working install is left alone. easyfsl's TaskSampler
-    needs a second, smaller shim against current torch (below).
+    again is enough: easyfsl's Prototypical and Matching Networks use neither op. Nothing is defined
+    when torchvision imports by itself (a matching build), so a working install is left alone.
+    easyfsl's TaskSampler needs a second, smaller shim against current torch (below).
     """
     try:
         import torchvision  # noqa: F401
@@ -82,7 +87,7 @@ def import_easyfsl() -> Any:
                 f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
             )
         import torchvision  # noqa: F401
-    from easyfsl.methods import PrototypicalNetworks
+    import easyfsl.methods as methods
     from easyfsl.samplers import TaskSampler
 
     if "data_source" not in inspect.signature(torch.utils.data.Sampler.__init__).parameters:
@@ -97,7 +102,7 @@ def import_easyfsl() -> Any:
             in pytorch/pytorch#163134 (``Sampler`` has no ``__init__`` now: "object.__init__() takes
             exactly one argument"). This base, last in the MRO, takes the call; sampling is easyfsl's."""
 
-    return PrototypicalNetworks, TaskSampler
+    return methods, TaskSampler
 
 
 def link_zips(data_dir: Path) -> Path:
@@ -139,15 +144,21 @@ def bench_load(a: argparse.Namespace) -> None:
     }), flush=True)
 
 
-def metashot_run(dataset: Any, shape: tuple[int, int, int], episodes: int, seed: int) -> Any:
+def metashot_run(
+    dataset: Any, method_name: str, shape: tuple[int, int, int], episodes: int, seed: int
+) -> Any:
     """A callable that trains ``episodes`` episodes as ``Trainer.fit`` does and returns per-step times."""
     from metashot.data.fewshot import episode_loader
+    from metashot.methods.matching import MatchingNetwork
     from metashot.methods.protonet import ProtoNet
     from metashot.nn.backbones import Conv4
 
     ways, shots, queries = shape
     torch.manual_seed(0)
-    method = ProtoNet(Conv4())
+    if method_name == "protonet":
+        method = ProtoNet(Conv4())
+    else:
+        method = MatchingNetwork(Conv4(), fce=True, processing_steps=ways * shots)
     optimizer = torch.optim.Adam(method.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 2_000, 0.5)
     loader = episode_loader(dataset, ways, shots, queries, episodes, meta_batch=1, seed=seed)
@@ -191,14 +202,20 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.labels
 
 
-def easyfsl_run(dataset: ImageDataset, shape: tuple[int, int, int], episodes: int, seed: int) -> Any:
-    """easyfsl's training loop (its README and notebooks): TaskSampler, process_support_set, forward."""
+def easyfsl_run(
+    dataset: ImageDataset, method_name: str, shape: tuple[int, int, int], episodes: int, seed: int
+) -> Any:
+    """easyfsl's training loop (its README and notebooks): TaskSampler, process_support_set, forward;
+    cross-entropy on ProtoNet's logits, NLL on Matching Networks' log-probabilities (its docstring)."""
     from metashot.nn.backbones import Conv4
 
-    PrototypicalNetworks, TaskSampler = import_easyfsl()
+    methods, TaskSampler = import_easyfsl()
     ways, shots, queries = shape
     torch.manual_seed(0)
-    model = PrototypicalNetworks(Conv4())
+    if method_name == "protonet":
+        model, criterion = methods.PrototypicalNetworks(Conv4()), F.cross_entropy
+    else:
+        model, criterion = methods.MatchingNetworks(Conv4(), feature_dimension=64), F.nll_loss
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     random.seed(seed)  # TaskSampler draws with Python's random
     sampler = TaskSampler(dataset, n_way=ways, n_shot=shots, n_query=queries, n_tasks=episodes)
@@ -216,7 +233,7 @@ def easyfsl_run(dataset: ImageDataset, shape: tuple[int, int, int], episodes: in
             t1 = time.perf_counter()
             optimizer.zero_grad()
             model.process_support_set(support_images, support_labels)
-            loss = F.cross_entropy(model(query_images), query_labels)
+            loss = criterion(model(query_images), query_labels)
             loss.backward()
             optimizer.step()
             times.append((t1 - t0, time.perf_counter() - t0))
@@ -242,17 +259,17 @@ def bench_train(a: argparse.Namespace) -> None:
         for lib in order:
             total_n = a.warmup + n
             if lib == "metashot":
-                run = metashot_run(train, SHAPES[name], total_n, seed=a.repeat)
+                run = metashot_run(train, a.method, SHAPES[name], total_n, seed=a.repeat)
             else:
-                run = easyfsl_run(images, SHAPES[name], total_n, seed=a.repeat)
+                run = easyfsl_run(images, a.method, SHAPES[name], total_n, seed=a.repeat)
             c, w = time.process_time(), time.perf_counter()
             times = run()[a.warmup:]
             cpu = (time.process_time() - c) / (time.perf_counter() - w)  # warm-up included
             step = sum(t for _, t in times)
             data = sum(d for d, _ in times)
             print(json.dumps({
-                "bench": "train", "library": lib, "episode": name, "malloc": a.malloc,
-                "repeat": a.repeat, "episodes_per_s": round(n / step, 3),
+                "bench": "train", "method": a.method, "library": lib, "episode": name,
+                "malloc": a.malloc, "repeat": a.repeat, "episodes_per_s": round(n / step, 3),
                 "s_per_episode": round(step / n, 5), "data_ms_per_episode": round(1e3 * data / n, 3),
                 "data_share": round(data / step, 5), "cpu_over_wall": round(cpu, 2),
             }), flush=True)
@@ -262,7 +279,8 @@ def bench_train(a: argparse.Namespace) -> None:
 
 def child(a: argparse.Namespace, mode: str, **over: Any) -> list[dict[str, Any]]:
     args = {**vars(a), **over}
-    cmd = [sys.executable, __file__, "--child", mode, "--cache-dir", str(args["cache_dir"]),
+    cmd = [sys.executable, __file__, "--child", mode, "--method", args["method"],
+           "--cache-dir", str(args["cache_dir"]),
            "--threads", str(args["threads"]), "--repeats", str(args["repeats"]),
            "--warmup", str(args["warmup"]), "--malloc", args["malloc"], "--repeat", str(args["repeat"]),
            "--libraries", *args["libraries"], "--shapes", *args["shapes"],
@@ -291,8 +309,8 @@ def summarize(rows: list[dict[str, Any]], a: argparse.Namespace) -> None:
                 if not rs:
                     continue
                 print(json.dumps({
-                    "bench": "train", "library": lib, "episode": shape, "malloc": malloc,
-                    "threads": a.threads, "episodes": a.episodes[shape], "repeats": len(rs),
+                    "bench": "train", "method": a.method, "library": lib, "episode": shape,
+                    "malloc": malloc, "threads": a.threads, "episodes": a.episodes[shape], "repeats": len(rs),
                     "episodes_per_s": median([r["episodes_per_s"] for r in rs]),
                     "s_per_episode": round(statistics.median(r["s_per_episode"] for r in rs), 5),
                     "data_ms_per_episode": median([r["data_ms_per_episode"] for r in rs]),
@@ -309,14 +327,15 @@ def summarize(rows: list[dict[str, Any]], a: argparse.Namespace) -> None:
             head = ratio(("metashot", "keep"), ("easyfsl", "default"))
             if head is not None:
                 print(json.dumps({
-                    "bench": "ratio", "episode": shape, "metashot_over_easyfsl": head,
+                    "bench": "ratio", "method": a.method, "episode": shape, "metashot_over_easyfsl": head,
                     "metashot_malloc": "keep", "easyfsl_malloc": "default",
                     "note": "each library as it runs by default (metashot's trainer keeps freed memory)",
                 }), flush=True)
             for malloc in a.mallocs:
                 r = ratio(("metashot", malloc), ("easyfsl", malloc))
                 if r is not None:
-                    print(json.dumps({"bench": "ratio", "episode": shape, "metashot_over_easyfsl": r,
+                    print(json.dumps({"bench": "ratio", "method": a.method, "episode": shape,
+                                      "metashot_over_easyfsl": r,
                                       "metashot_malloc": malloc, "easyfsl_malloc": malloc,
                                       "note": "same allocator setting, measured in one process"}),
                           flush=True)
@@ -324,7 +343,7 @@ def summarize(rows: list[dict[str, Any]], a: argparse.Namespace) -> None:
             for lib in a.libraries:
                 r = ratio((lib, "keep"), (lib, "default"))
                 if r is not None:
-                    print(json.dumps({"bench": "ratio", "episode": shape, "library": lib,
+                    print(json.dumps({"bench": "ratio", "method": a.method, "episode": shape, "library": lib,
                                       "keep_freed_memory_speedup": r}), flush=True)
 
 
@@ -345,13 +364,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=SHARED,
                    help="folder with images_background.zip and images_evaluation.zip (never written)")
+    p.add_argument("--method", choices=list(DEFAULT_SHAPES), default="protonet")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--episodes", nargs="+", default=[],
                    help="timed episodes per measurement: N for every shape, or SHAPE=N "
                         f"(default {' '.join(f'{k}={v}' for k, v in DEFAULT_EPISODES.items())})")
     p.add_argument("--repeats", type=int, default=5, help="repeats of every measurement (medians reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed episodes before each measurement")
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--shapes", nargs="+", choices=list(SHAPES),
+                   help="episode shapes (default: 5w1s15q 60w5s5q for protonet, "
+                        "5w1s15q 20w1s5q for matching)")
     p.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=list(LIBRARIES))
     p.add_argument("--no-easyfsl", dest="libraries", action="store_const", const=["metashot"])
     p.add_argument("--mallocs", nargs="+", default=["default", "keep"], choices=["default", "keep"],
@@ -365,6 +387,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args()
     a.episodes = parse_episodes(a.episodes)
+    a.shapes = a.shapes or DEFAULT_SHAPES[a.method]
     if a.child == "load":
         bench_load(a)
         return
