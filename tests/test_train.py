@@ -126,3 +126,12 @@ def test_cli_help_lists_defaults(capsys: pytest.CaptureFixture) -> None:
 def test_unknown_preset(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(KeyError, match="unknown preset 'nope'; known: .*protonet-omniglot-5w1s"):
         cli.main(["train", "protonet", "--preset", "nope"])
+
+
+def test_cli_set_updates_the_presets_method_args() -> None:
+    args = cli.parser().parse_args(["train", "matching", "--set", 'method_args={"fce": true}',
+                                    "--set", "lr=0.01"])
+    cfg = cli.config_from_args(args)
+    assert cfg.method_args == {"fce": True, "scale": 20.0} and cfg.lr == 0.01
+    args = cli.parser().parse_args(["train", "matching", "--set", 'method_args={"scale": 1}'])
+    assert cli.config_from_args(args).method_args == {"fce": False, "scale": 1}

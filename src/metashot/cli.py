@@ -44,7 +44,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed of the split, initialisation and episodes (default: 0)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                   help="any config field, e.g. --set method_args='{\"distance\": \"cosine\"}'")
+                   help="any config field, e.g. --set method_args='{\"distance\": \"cosine\"}' "
+                        "(a dict updates the preset's)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from last.pt")
     p.add_argument("--json", action="store_true", help="print the test result as one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -111,6 +112,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
             changes[key] = json.loads(value)
         except json.JSONDecodeError:
             changes[key] = value
+        # a dict (method_args, task_args) updates the preset's: --set method_args='{"fce": true}' keeps
+        # the preset's other method arguments
+        if isinstance(changes[key], dict) and isinstance(current := getattr(cfg, key, None), dict):
+            changes[key] = current | changes[key]
     # a changed test shot changes the training shot too (the papers train with the test shot)
     if "shots" in changes:
         changes.setdefault("train_shots", changes["shots"])
