@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from metashot.data.fewshot import EpisodeSampler, FewShotDataset, episode_loader
+from metashot.data.fewshot import Episode, EpisodeSampler, FewShotDataset, episode_loader
 
 
 def _dataset(classes: int = 10, examples: int = 8) -> FewShotDataset:
@@ -28,7 +28,9 @@ def test_episode_shapes_and_labels() -> None:
     assert ep.support.shape == (3, 10, 2, 2, 2) and ep.query.shape == (3, 15, 2, 2, 2)
     assert ep.support_labels[0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert ep.query_labels[0].tolist() == [n for n in range(5) for _ in range(3)]
-    assert ep.ways == 5
+    # the sampler's episodes carry N, so asking for it never reads the labels (a device sync)
+    assert ep.num_ways == 5 and ep.ways == 5 and ep.to("cpu").num_ways == 5
+    assert Episode(ep.support, ep.support_labels, ep.query, ep.query_labels).ways == 5  # counted
     for b in range(3):
         classes_s = ep.support[b, :, 0, 0, 0].view(5, 2)
         classes_q = ep.query[b, :, 0, 0, 0].view(5, 3)

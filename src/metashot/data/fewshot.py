@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,24 +25,32 @@ class Episode:
     """One N-way K-shot Q-query episode, or a batch of B of them (a leading B dim on every field).
 
     support: [(B,) N*K, C, H, W] class-major (class 0's K shots first); support_labels [(B,) N*K]
-    in 0..N-1; query: [(B,) N*Q, C, H, W]; query_labels: [(B,) N*Q].
+    in 0..N-1; query: [(B,) N*Q, C, H, W]; query_labels: [(B,) N*Q]. num_ways: N when the builder
+    knows it (the sampler does), else counted from the labels when asked.
     """
 
     support: torch.Tensor
     support_labels: torch.Tensor
     query: torch.Tensor
     query_labels: torch.Tensor
+    num_ways: int | None = None
+
+    TENSORS = ("support", "support_labels", "query", "query_labels")
 
     def to(self, device: torch.device | str) -> Episode:
-        return type(self)(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
+        moved = (getattr(self, name).to(device, non_blocking=True) for name in self.TENSORS)
+        return type(self)(*moved, num_ways=self.num_ways)
 
     @classmethod
     def collate(cls, items: Sequence[Episode]) -> Episode:
-        return cls(*(torch.stack([getattr(e, f.name) for e in items]) for f in fields(cls)))
+        ways = {e.num_ways for e in items}
+        stacked = (torch.stack([getattr(e, name) for e in items]) for name in cls.TENSORS)
+        return cls(*stacked, num_ways=ways.pop() if len(ways) == 1 else None)
 
     @property
     def ways(self) -> int:
-        return int(self.support_labels.max()) + 1
+        """N; counting it from the labels syncs with the device, so the sampler's episodes carry it."""
+        return self.num_ways if self.num_ways is not None else int(self.support_labels.max()) + 1
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,7 @@ class FewShotDataset(Dataset):
             support_labels=labels.expand(n, k).reshape(-1),
             query=x[:, k:].reshape(n * (kq - k), *x.shape[2:]),
             query_labels=labels.expand(n, kq - k).reshape(-1),
+            num_ways=n,
         )
 
     @classmethod
