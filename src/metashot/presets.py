@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from metashot.config import Config
+from metashot.data.tasks import TASKS
 
 
 def _omniglot_protonet(ways: int, shots: int) -> Config:
@@ -124,14 +125,7 @@ def default_preset(method: str, task: str | None = None) -> str | None:
 
 def describe(cfg: Config) -> str:
     """One line: the method, the task and its shape, the training length."""
-    if cfg.task == "omniglot-sequences":
-        a = cfg.task_args
-        shape = f"{cfg.ways} classes x {a.get('instances', 10)} instances, {a.get('labels')} labels"
-    elif cfg.task == "sinusoid":
-        shape = f"K={cfg.train_shots} in training, K={cfg.shots} at test"
-    else:
-        shape = (f"{cfg.ways}-way {cfg.shots}-shot, trained {cfg.train_ways}-way "
-                 f"with {cfg.train_queries} queries per class")
+    shape = TASKS[cfg.task].shape(cfg)
     batch = f" in meta-batches of {cfg.meta_batch}" if cfg.meta_batch > 1 else ""
     return f"{cfg.method} on {cfg.task}: {shape}; {cfg.steps} steps{batch}"
 

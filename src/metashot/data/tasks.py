@@ -42,6 +42,12 @@ class TaskSource(ABC):
     def loader(self, part: str, episodes: int, seed: int, start: int = 0) -> Iterable[Any]:
         """Batches of tasks from ``part`` ("train", "val" or "test"); episode ``i`` fixed by ``seed``."""
 
+    @staticmethod
+    def shape(cfg: Config) -> str:
+        """The episode shape of ``cfg`` in words (``metashot presets``), without building the source."""
+        return (f"{cfg.ways}-way {cfg.shots}-shot, trained {cfg.train_ways}-way "
+                f"with {cfg.train_queries} queries per class")
+
 
 class FewShotSource(TaskSource):
     """N-way K-shot episodes from classes split into train / val / test ``FewShotDataset``s."""
@@ -140,6 +146,12 @@ class OmniglotSequenceSource(OmniglotSource):
 
     default_image_size = 20
 
+    @staticmethod
+    def shape(cfg: Config) -> str:
+        a = cfg.task_args
+        return (f"{a.get('classes', cfg.ways)} classes x {a.get('instances', 10)} instances, "
+                f"{a.get('labels', 'onehot')} labels")
+
     def _parse(self, args: dict[str, Any]) -> None:
         self.classes = int(args.pop("classes", self.cfg.ways))
         self.instances = int(args.pop("instances", 10))
@@ -182,6 +194,10 @@ class SinusoidSource(TaskSource):
     @property
     def info(self) -> TaskInfo:
         return TaskInfo((1,), 1, 1, regression=True)
+
+    @staticmethod
+    def shape(cfg: Config) -> str:
+        return f"K={cfg.train_shots} in training, K={cfg.shots} at test"
 
     def loader(self, part: str, episodes: int, seed: int, start: int = 0) -> Iterable[Any]:
         c = self.cfg
