@@ -118,7 +118,9 @@ class MANN(Method):
         hr = inputs.new_zeros(b, hdim + self.memory.read_size)  # [h_{t-1}, r_{t-1}]
         outputs = []
         for step in range(t):
-            recurrent.append(hr)
+            # detached: the record must not reach back into the graph that holds it (a cycle through
+            # autograd nodes that Python's collector cannot free, which leaked every step's graph)
+            recurrent.append(hr.detach())
             gates = torch.addmm(pre[step], hr, w_step)
             # nn.LSTM's gate order: input, forget, cell, output
             sig = torch.sigmoid(gates)
@@ -150,7 +152,7 @@ class _RecurrentWeightGrad(torch.autograd.Function):
 
     The loop computes gates_t = pre_t + x_t @ W with W detached, so the gradient reaching ``pre`` at
     step t is dL/dgates_t, and dL/dW = sum_t x_t^T dL/dgates_t: one [K, B*T] x [B*T, 4H] product
-    over the loop's inputs x_t, which the loop appends to ``inputs`` as it runs.
+    over the loop's inputs x_t, which the loop appends (detached) to ``inputs`` as it runs.
     """
 
     @staticmethod
@@ -162,7 +164,8 @@ class _RecurrentWeightGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        x = torch.stack(ctx.inputs, dim=1).detach()  # [B, T, K]
+        x = torch.stack(ctx.inputs, dim=1)  # [B, T, K]
+        ctx.inputs = None
         return grad, x.flatten(0, 1).t().mm(grad.flatten(0, 1)), None
 
 
