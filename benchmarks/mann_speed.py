@@ -18,18 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from metric_speed import SHARED, link_zips  # this folder's helper: a temporary folder of links to the zips
 
 from metashot import presets
 from metashot.data.tasks import build_source
 from metashot.methods import METHODS
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
-ZIPS = ("images_background.zip", "images_evaluation.zip")
 
 
 def measure(name: str, data_dir: Path, steps: int, warmup: int, profile: bool) -> None:
@@ -92,13 +89,8 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="also print the busiest operators")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    missing = [z for z in ZIPS if not (a.data_dir / z).exists()]
-    if missing:
-        raise SystemExit(f"{', '.join(missing)} not found in {a.data_dir}; pass --data-dir")
-    root = Path(tempfile.mkdtemp(prefix="metashot-bench-mann-"))  # the cache goes here, not by the zips
+    root = link_zips(a.data_dir)  # the cache goes there, never beside the zips
     try:
-        for z in ZIPS:
-            (root / z).symlink_to((a.data_dir / z).resolve())
         for name in a.presets:
             measure(name, root, a.steps, a.warmup, a.profile)
     finally:

@@ -29,7 +29,7 @@ def _omniglot_matching(ways: int, shots: int) -> Config:
     # Vinyals et al. 2016: Conv4, 28x28, 1,200 training characters with rotations (the random split;
     # 172 of them held out to pick the checkpoint, as ProtoNet: the paper names no validation set);
     # training tasks match the test ways and shots, as in the paper; cosine attention without FCE
-    # (their Omniglot rows; FCE: --set method_args='{"fce": true, "scale": 20}'). The paper gives neither
+    # (their Omniglot rows; FCE: --set method_args='{"fce": true}'). The paper gives neither
     # optimiser nor query count: Adam 1e-3 halved every 2,000 episodes as ProtoNet, and 75-100 training
     # queries per episode (15 per class at 5-way, 5 at 20-way, so 20-way fits a CPU); 1,000 test episodes.
     # The cosine is multiplied by MATCHING_SCALE before the softmax (see its comment).

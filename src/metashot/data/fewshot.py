@@ -140,6 +140,23 @@ class FewShotDataset(Dataset):
         return cls(tensor, [c.name for c, _ in files_classes])
 
 
+def episode_generator(seed: int, i: int) -> torch.Generator:
+    """The generator episode ``i`` of a sampler seeded with ``seed`` draws from: episode ``i`` depends only
+    on ``(seed, i)``, whatever was drawn before it (exact resume, sharding, any process)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + i)
+
+
+def draw_examples(
+    g: torch.Generator, num_classes: int, examples_per_class: int, ways: int, per_class: int
+) -> torch.Tensor:
+    """Flat indices [ways, per_class] of ``ways`` classes drawn without replacement (row n is the
+    episode's class n) and ``per_class`` distinct examples of each, in random order."""
+    classes = torch.randperm(num_classes, generator=g)[:ways]
+    # argsort of uniform noise: a random permutation per class in one call
+    examples = torch.rand(ways, examples_per_class, generator=g).argsort(dim=1)[:, :per_class]
+    return classes.unsqueeze(1) * examples_per_class + examples
+
+
 class EpisodeSampler(Sampler[EpisodeIndex]):
     """Draws ``episodes`` N-way K-shot Q-query episodes from ``num_classes`` classes.
 
@@ -180,12 +197,10 @@ class EpisodeSampler(Sampler[EpisodeIndex]):
         return cls(dataset.num_classes, dataset.examples_per_class, **kwargs)
 
     def episode(self, i: int) -> EpisodeIndex:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        classes = torch.randperm(self.num_classes, generator=g)[: self.ways]
-        # argsort of uniform noise: a random permutation per class in one call
-        examples = torch.rand(self.ways, self.examples_per_class, generator=g).argsort(dim=1)
-        examples = examples[:, : self.shots + self.queries]
-        return EpisodeIndex(classes.unsqueeze(1) * self.examples_per_class + examples, self.shots)
+        g = episode_generator(self.seed, i)
+        indices = draw_examples(g, self.num_classes, self.examples_per_class, self.ways,
+                                self.shots + self.queries)
+        return EpisodeIndex(indices, self.shots)
 
     def __iter__(self) -> Iterator[EpisodeIndex]:
         for i in range(self.start + self.rank, self.episodes, self.world_size):

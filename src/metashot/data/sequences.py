@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from metashot.data.fewshot import FewShotDataset
+from metashot.data.fewshot import FewShotDataset, draw_examples, episode_generator
 from metashot.methods.base import TaskInfo
 
 LABEL_MODES = ("onehot", "string")
@@ -121,13 +121,12 @@ class SequenceSampler(Sampler[SequenceIndex]):
         return self.max_rotation > 0 or self.max_shift > 0
 
     def episode(self, i: int) -> SequenceIndex:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        g = episode_generator(self.seed, i)
         c, k, t = self.classes, self.instances, self.classes * self.instances
-        chosen = torch.randperm(self.num_classes, generator=g)[:c]  # position = the episode's label
-        examples = torch.rand(c, self.examples_per_class, generator=g).argsort(dim=1)[:, :k]
+        drawn = draw_examples(g, self.num_classes, self.examples_per_class, c, k)  # row = episode label
         order = torch.randperm(t, generator=g)
         label = torch.arange(c).repeat_interleave(k)[order]  # [T] episode class of each step
-        indices = (chosen.unsqueeze(1) * self.examples_per_class + examples).reshape(-1)[order]
+        indices = drawn.reshape(-1)[order]
         if self.labels == "string":
             codes = torch.randperm(STRING_SYMBOLS**STRING_LENGTH, generator=g)[:c]
             y = string_labels(codes)[label]
