@@ -13,6 +13,7 @@ import os
 import re
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -55,6 +56,15 @@ def default_root(data_dir: str | os.PathLike | None = None) -> Path:
 
 def user_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "metashot"
+
+
+def cache_path(root: Path, name: str) -> Path:
+    """Where the cache ``name`` of the zips in ``root`` is: beside them, else in the user's cache; a new
+    one goes beside them when their folder is writable, else to the user's cache."""
+    for folder in (root, user_cache_dir()):
+        if (folder / name).exists():
+            return folder / name
+    return (root if os.access(root, os.W_OK) else user_cache_dir()) / name
 
 
 def _digest(path: Path, algorithm: str) -> str:
@@ -137,12 +147,20 @@ class Omniglot:
                 raise OmniglotError(f"{missing} not found in {root}")
             download(root, url_prefix, checksums)
         key = hashlib.sha256("".join(_digest(z, "sha256") for z in zips).encode()).hexdigest()[:16]
-        # next to the zips, or in the user's cache when their folder is read-only
-        cache_dir = root if os.access(root, os.W_OK) else user_cache_dir()
-        cache = cache_dir / f"omniglot-{image_size}px-{key}.npz"
-        if not cache.exists():
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            _build_cache(zips, image_size, cache)
+        cache = cache_path(root, f"omniglot-{image_size}px-{key}.npz")
+        if cache.exists():
+            try:
+                return cls._from_cache(cache)
+            except Exception as e:  # numpy raises several types for a damaged file
+                warnings.warn(f"{cache}: damaged Omniglot cache ({e}); rebuilding it", stacklevel=2)
+                if not os.access(cache.parent, os.W_OK):
+                    cache = user_cache_dir() / cache.name
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        _build_cache(zips, image_size, cache)
+        return cls._from_cache(cache)
+
+    @classmethod
+    def _from_cache(cls, cache: Path) -> Omniglot:
         with np.load(cache, allow_pickle=False) as f:
             return cls(
                 images=torch.from_numpy(f["images"]),

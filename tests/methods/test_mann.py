@@ -1,4 +1,4 @@
-"""MANN: the LRUA memory, sequence episodes, per-instance accuracy, and a short training run."""
+"""MANN and the LSTM baseline: label timing, gradients, string labels, a short training run."""
 
 from __future__ import annotations
 
@@ -13,115 +13,13 @@ from metashot.config import Config
 from metashot.data.fewshot import FewShotDataset
 from metashot.data.sequences import (
     SequenceBatch,
-    SequenceSampler,
     SequenceTaskInfo,
     instance_counts,
     sequence_loader,
     string_labels,
 )
-from metashot.data.tasks import build_source
 from metashot.methods import METHODS
 from metashot.methods.mann import MANN, LSTMBaseline, accuracy_by_instance
-from metashot.nn.memory import LRUAMemory, MemoryState, empty_state, least_used, lrua_step
-
-# -- the memory ------------------------------------------------------------------------------------
-
-
-def _state(usage: list[float], heads: int = 1, width: int = 3, fill: float = 1.0) -> MemoryState:
-    n = len(usage)
-    s = empty_state(1, n, width, heads)
-    return s._replace(memory=torch.full((1, n, width), fill), usage=torch.tensor([usage]))
-
-
-def _step(state: MemoryState, write: torch.Tensor, gate: float = 0.0, gamma: float = 0.9):
-    heads = state.read_weights.shape[1]
-    keys = torch.randn(1, heads, state.memory.shape[2])
-    return lrua_step(state, keys, torch.ones(1, heads), torch.full((1, heads), gate), write, gamma)
-
-
-def test_write_goes_to_the_least_used_slot_and_zeroes_it() -> None:
-    state = _state([3.0, 0.5, 2.0, 0.1, 1.0])  # slot 3 is the least used
-    write = torch.tensor([[[0.2, -0.4, 0.6]]])
-    _, new = _step(state, write, gate=0.0)  # gate 0: all of the write goes to w_lu
-    assert torch.equal(new.write_weights[0, 0], torch.tensor([0.0, 0, 0, 1, 0]))
-    # zeroed, then written: the slot holds exactly the written vector, not 1 + it
-    assert torch.allclose(new.memory[0, 3], write[0, 0])
-    others = [0, 1, 2, 4]
-    assert torch.equal(new.memory[0, others], state.memory[0, others])
-
-
-def test_each_head_takes_its_own_least_used_slot_and_only_the_least_used_is_zeroed() -> None:
-    state = _state([3.0, 0.5, 2.0, 0.1, 1.0], heads=2)
-    write = torch.tensor([[[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]])
-    _, new = _step(state, write, gate=0.0)
-    assert new.write_weights[0].argmax(1).tolist() == [3, 1]
-    assert torch.allclose(new.memory[0, 3], torch.ones(3))  # zeroed, + head 0's vector
-    assert torch.allclose(new.memory[0, 1], torch.full((3,), 3.0))  # kept 1, + head 1's 2
-
-
-def test_write_gate_interpolates_previous_read_and_least_used() -> None:
-    state = _state([3.0, 0.5, 2.0, 0.1, 1.0])
-    prev = torch.tensor([[[0.1, 0.2, 0.3, 0.0, 0.4]]])
-    state = state._replace(read_weights=prev)
-    _, new = _step(state, torch.ones(1, 1, 3), gate=0.75)
-    expected = 0.75 * prev + 0.25 * torch.tensor([0.0, 0, 0, 1, 0])
-    assert torch.allclose(new.write_weights, expected)
-
-
-def test_least_used_breaks_ties_by_index() -> None:
-    assert least_used(torch.zeros(2, 6), 3).tolist() == [[0, 1, 2], [0, 1, 2]]
-    assert least_used(torch.tensor([[1.0, 0.0, 1.0, 0.0]]), 2).tolist() == [[1, 3]]
-
-
-def test_usage_decays_by_gamma_plus_reads_and_writes() -> None:
-    torch.manual_seed(0)
-    mem = LRUAMemory(8, slots=10, width=4, heads=2, gamma=0.8)
-    state = mem.initial_state(3)
-    state = state._replace(usage=torch.rand(3, 10) * 5)
-    _, new = mem(torch.randn(3, 8), state)
-    expected = 0.8 * state.usage + new.read_weights.sum(1) + new.write_weights.sum(1)
-    assert torch.allclose(new.usage, expected)
-    # with no reads or writes the usage would be gamma * usage: read and write weights sum to
-    # one per head, so the total grows by exactly 2 * heads (w_r(t-1) is empty in a new memory)
-    total = 0.8 * state.usage.sum(1) + 2 + new.write_weights.sum((1, 2))
-    assert torch.allclose(new.usage.sum(1), total)
-    _, newer = mem(torch.randn(3, 8), new)
-    assert torch.allclose(newer.usage.sum(1), 0.8 * new.usage.sum(1) + 2 * 2, atol=1e-5)
-
-
-def test_read_weights_sum_to_one_and_reads_are_their_average_of_rows() -> None:
-    torch.manual_seed(0)
-    mem = LRUAMemory(8, slots=16, width=5, heads=3, strength=4.0)
-    state = mem.initial_state(4)
-    for _ in range(5):
-        reads, state = mem(torch.randn(4, 8), state)
-        assert torch.allclose(state.read_weights.sum(2), torch.ones(4, 3))
-        assert (state.read_weights >= 0).all()
-        expected = torch.einsum("brn,bnm->brm", state.read_weights, state.memory).flatten(1)
-        assert torch.allclose(reads, expected, atol=1e-6)
-    assert reads.shape == (4, mem.read_size)
-
-
-def test_reads_follow_cosine_similarity() -> None:
-    state = empty_state(1, 3, 2, 1)._replace(memory=torch.tensor([[[1.0, 0.0], [0.0, 2.0], [-1.0, 0.0]]]),
-                                            usage=torch.tensor([[5.0, 5.0, 5.0]]))
-    key = torch.tensor([[[0.0, 0.3]]])
-    _, new = lrua_step(state, key, torch.tensor([[50.0]]), torch.ones(1, 1), torch.zeros(1, 1, 2), 0.9)
-    # slot 0 was least used and zeroed; the key points along slot 1's row
-    assert new.read_weights[0, 0].argmax().item() == 1
-    assert new.read_weights[0, 0, 1] > 0.99
-
-
-def test_memory_gradients_reach_the_heads() -> None:
-    mem = LRUAMemory(6, slots=8, width=4, heads=2)
-    state = mem.initial_state(2)
-    total = torch.zeros(())
-    for _ in range(3):
-        reads, state = mem(torch.randn(2, 6), state)
-        total = total + reads.square().sum()
-    total.backward()
-    assert mem.heads_out.weight.grad is not None and mem.heads_out.weight.grad.abs().sum() > 0
-
 
 # -- the model -------------------------------------------------------------------------------------
 
@@ -227,66 +125,6 @@ def test_registered_and_built_from_task_info() -> None:
     assert (model.input_size, model.label_groups, model.label_values) == (400, 5, 5)
     lstm = LSTMBaseline.build(SequenceTaskInfo((1, 20, 20), 5, 5, label_values=5), hidden=16)
     assert lstm.memory is None and lstm.classifier.out_features == 5
-
-
-# -- sequence episodes -----------------------------------------------------------------------------
-
-
-def test_sequence_episodes_are_seeded_counted_and_shuffled() -> None:
-    sampler = SequenceSampler(num_classes=50, examples_per_class=20, classes=5, instances=10,
-                              episodes=100, seed=3)
-    a, b = sampler.episode(7), sampler.episode(7)
-    assert torch.equal(a.indices, b.indices) and torch.equal(a.y, b.y)
-    assert not torch.equal(a.indices, sampler.episode(8).indices)
-    assert torch.bincount(a.y, minlength=5).tolist() == [10] * 5
-    # the same class index -> the same episode label; distinct examples within a class
-    cls = a.indices // 20
-    for label in range(5):
-        assert cls[a.y == label].unique().numel() == 1
-        assert a.indices[a.y == label].unique().numel() == 10
-    for label in range(5):
-        assert a.instance[a.y == label].tolist() == list(range(1, 11))
-    assert sorted(a.y.tolist()) != a.y.tolist()  # random order
-    # the first label seen is not always 0: labels are shuffled per episode
-    assert len({sampler.episode(i).y[0].item() for i in range(30)}) > 1
-
-
-def test_string_labels_are_distinct_five_character_codes() -> None:
-    assert string_labels(torch.tensor([0, 3124, 7])).tolist() == [
-        [0, 0, 0, 0, 0], [4, 4, 4, 4, 4], [0, 0, 0, 1, 2]]
-    sampler = SequenceSampler(50, 20, classes=15, instances=10, episodes=10, labels="string")
-    ep = sampler.episode(0)
-    assert ep.y.shape == (150, 5) and int(ep.y.max()) <= 4
-    assert ep.y.unique(dim=0).shape[0] == 15
-
-
-def test_loader_gathers_and_augments_a_batch() -> None:
-    images = torch.zeros(10, 20, 1, 20, 20, dtype=torch.uint8)
-    images[:, :, :, 8:12, 8:12] = 255
-    data = FewShotDataset(images)
-    plain = next(iter(sequence_loader(data, 3, 4, episodes=8, batch_size=4)))
-    assert plain.x.shape == (4, 12, 1, 20, 20) and plain.y.shape == (4, 12)
-    assert plain.x.max() == 1.0 and plain.instance.max() == 4
-    aug = next(iter(sequence_loader(data, 3, 4, episodes=8, batch_size=4, max_rotation=20, max_shift=3)))
-    assert torch.equal(aug.y, plain.y)  # augmentation changes images only
-    assert not torch.allclose(aug.x, plain.x)
-    assert (aug.x.sum((2, 3, 4)) > 8).all()  # the ink is moved, not lost
-    again = next(iter(sequence_loader(data, 3, 4, episodes=8, batch_size=4, max_rotation=20, max_shift=3)))
-    assert torch.equal(aug.x, again.x)  # seeded
-
-
-def test_omniglot_sequence_source(omniglot_dir: Path) -> None:
-    cfg = Config(method="mann", task="omniglot-sequences", ways=5, meta_batch=2, data_dir=str(omniglot_dir),
-                 task_args={"labels": "string", "classes": 15})
-    source = build_source(cfg)
-    info = source.info
-    assert (info.input_shape, info.ways, info.label_groups, info.label_values) == ((1, 20, 20), 15, 5, 5)
-    batch = next(iter(source.loader("test", 4, seed=0)))
-    assert batch.x.shape == (2, 150, 1, 20, 20) and batch.y.shape == (2, 150, 5)
-    assert source.dataset("train").num_classes == 4 * (1200 - 172)
-    assert source.dataset("test").num_classes == 4 * 423
-    with pytest.raises(ValueError, match="task_args"):
-        build_source(cfg.replace(task_args={"bogus": 1}))
 
 
 def test_trainer_runs_mann_end_to_end(omniglot_dir: Path, tmp_path: Path) -> None:

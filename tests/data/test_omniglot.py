@@ -5,17 +5,21 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import io
 import shutil
 import threading
 import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from metashot.data.omniglot import ZIPS as STEMS
 from metashot.data.omniglot import Omniglot, OmniglotError, _read_zip, download
-from tests.conftest import SHARED, ZIPS
+
+ZIPS = tuple(f"{z}.zip" for z in STEMS)
 
 
 def test_counts_and_layout(omniglot: Omniglot) -> None:
@@ -76,9 +80,9 @@ def test_cache_is_reused_and_fast(omniglot_dir: Path, omniglot: Omniglot) -> Non
     assert torch.equal(again.images, omniglot.images)
 
 
-def test_changed_zips_or_size_rebuild(tmp_path: Path, omniglot: Omniglot) -> None:
+def test_changed_zips_or_size_rebuild(tmp_path: Path, omniglot_source: Path, omniglot: Omniglot) -> None:
     for z in ZIPS:
-        shutil.copy(SHARED / z, tmp_path / z)
+        shutil.copy(omniglot_source / z, tmp_path / z)
     with zipfile.ZipFile(tmp_path / ZIPS[1], "a") as f:
         f.comment = b"changed"  # new bytes, same images
     small = Omniglot.load(tmp_path, image_size=14)
@@ -86,7 +90,7 @@ def test_changed_zips_or_size_rebuild(tmp_path: Path, omniglot: Omniglot) -> Non
     caches = list(tmp_path.glob("omniglot-*.npz"))
     assert [c.name.split("-")[1] for c in caches] == ["14px"]
     # the cache key is not the unchanged zips' key
-    assert caches[0].name.split("-")[2] not in {c.name.split("-")[2] for c in SHARED.glob("*.npz")}
+    assert caches[0].name.split("-")[2] not in {c.name.split("-")[2] for c in omniglot_source.glob("*.npz")}
     assert not list(tmp_path.glob(".*"))  # no temporary file left
 
 
@@ -96,13 +100,27 @@ def test_missing_zips_without_download(tmp_path: Path) -> None:
 
 
 def test_truncated_zip_is_named_and_leaves_no_cache(tmp_path: Path) -> None:
-    data = (SHARED / ZIPS[0]).read_bytes()
+    for stem in STEMS:
+        _zip(tmp_path / f"{stem}.zip", _members(stem))
+    data = (tmp_path / ZIPS[0]).read_bytes()
     (tmp_path / ZIPS[0]).write_bytes(data[: len(data) // 2])
-    (tmp_path / ZIPS[1]).symlink_to(SHARED / ZIPS[1])
     with pytest.raises(OmniglotError, match=r"images_background.zip: corrupt or truncated zip"):
         Omniglot.load(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] != [] and not list(tmp_path.glob("*.npz"))
     assert not list(tmp_path.glob(".*"))
+
+
+def _members(stem: str) -> dict[str, bytes]:
+    """A few characters in the official layout, as PNGs."""
+    from PIL import Image
+
+    members = {}
+    for c in range(3):
+        for d in range(1, 4):
+            out = io.BytesIO()
+            Image.new("L", (105, 105), 255 - 40 * c).save(out, "PNG")
+            members[f"{stem}/Latin/character{c + 1:02d}/{c + 1:04d}_{d:02d}.png"] = out.getvalue()
+    return members
 
 
 def _zip(path: Path, members: dict[str, bytes]) -> Path:
@@ -131,9 +149,18 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.fixture()
-def server() -> str:
-    """An HTTP server on 127.0.0.1 serving the shared Omniglot folder."""
-    handler = functools.partial(_Quiet, directory=str(SHARED))
+def served(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of two small zips in the official layout, to download."""
+    folder = tmp_path_factory.mktemp("served")
+    for stem in STEMS:
+        _zip(folder / f"{stem}.zip", _members(stem))
+    return folder
+
+
+@pytest.fixture()
+def server(served: Path) -> str:
+    """An HTTP server on 127.0.0.1 serving ``served``."""
+    handler = functools.partial(_Quiet, directory=str(served))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -146,8 +173,8 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_download_verifies_and_renames(tmp_path: Path, server: str) -> None:
-    sums = {z[:-4]: _sha256(SHARED / z) for z in ZIPS}
+def test_download_verifies_and_renames(tmp_path: Path, server: str, served: Path) -> None:
+    sums = {z[:-4]: _sha256(served / z) for z in ZIPS}
     download(tmp_path, server, sums, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(ZIPS)
     assert all(_sha256(tmp_path / z) == sums[z[:-4]] for z in ZIPS)
@@ -168,3 +195,15 @@ def test_offline_message_names_files_and_folder(tmp_path: Path, server: str) -> 
     assert "images_background.zip" in msg and "images_evaluation.zip" in msg and str(tmp_path) in msg
     assert "METASHOT_DATA" in msg
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_damaged_cache_is_named_and_rebuilt(tmp_path: Path, omniglot_dir: Path, omniglot: Omniglot) -> None:
+    for z in ZIPS:
+        (tmp_path / z).symlink_to((omniglot_dir / z).resolve())
+    name = next(omniglot_dir.glob("omniglot-28px-*.npz")).name
+    (tmp_path / name).write_bytes(b"PK\x03\x04 not a whole npz")
+    with pytest.warns(UserWarning, match=rf"{name}: damaged Omniglot cache .*; rebuilding it"):
+        again = Omniglot.load(tmp_path, image_size=28)
+    assert torch.equal(again.images, omniglot.images)
+    assert np.load(tmp_path / name)["images"].shape == (1623, 20, 28, 28)
