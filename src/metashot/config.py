@@ -15,7 +15,9 @@ class Config:
 
     ``steps`` counts optimizer steps: one episode each, or one meta-batch of ``meta_batch`` episodes;
     ``max_minutes`` stops training earlier, after that much training time (validation excluded).
-    ``train_ways``/``train_shots``/``train_queries`` default to the test values.
+    ``train_ways``/``train_shots``/``train_queries`` default to the test values. ``schedule`` of the
+    learning rate: "step" (times ``lr_gamma`` every ``lr_step`` steps), "cosine" (from ``lr`` to 0 over
+    ``steps``) or "constant".
     """
 
     method: str = "protonet"
@@ -33,6 +35,7 @@ class Config:
     steps: int = 20_000
     max_minutes: float | None = None
     lr: float = 1e-3
+    schedule: str = "step"
     lr_step: int = 2_000
     lr_gamma: float = 0.5
     val_every: int = 500

@@ -55,6 +55,21 @@ def build_method(cfg: Config, source: TaskSource) -> Method:
     return METHODS[cfg.method].build(source.info, **cfg.method_args)
 
 
+SCHEDULES = ("step", "cosine", "constant")
+
+
+def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule ``cfg.schedule``, stepped once per optimizer step."""
+    lr = torch.optim.lr_scheduler
+    if cfg.schedule == "step":
+        return lr.StepLR(optimizer, cfg.lr_step, cfg.lr_gamma)
+    if cfg.schedule == "cosine":
+        return lr.CosineAnnealingLR(optimizer, cfg.steps)
+    if cfg.schedule == "constant":
+        return lr.LambdaLR(optimizer, lambda _: 1.0)
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -105,7 +120,7 @@ class Trainer:
         self.source = source or build_source(cfg)
         self.method = build_method(cfg, self.source).to(self.device)
         self.optimizer = torch.optim.Adam(self.method.parameters(), lr=cfg.lr)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.lr_step, cfg.lr_gamma)
+        self.scheduler = make_scheduler(cfg, self.optimizer)
         self.step = 0
         self.elapsed = 0.0
         self.best: float | None = None
@@ -185,6 +200,7 @@ class Trainer:
         self.method.train()
         try:
             for batch in loader:
+                self.method.on_step(self.step)
                 loss, metrics = self.method.loss(batch.to(self.device))
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()

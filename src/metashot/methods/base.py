@@ -45,6 +45,10 @@ class Method(nn.Module, ABC):
     def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Scalar training loss and per-task metrics, each of shape [B]."""
 
+    def on_step(self, step: int) -> None:
+        """Called by the trainer before training step ``step`` (0-based, counting optimizer steps), for
+        schedules that live inside a method (MAML++'s annealing). Default: nothing."""
+
     def evaluate(self, batch: Any) -> dict[str, torch.Tensor]:
         """Per-task metrics [B] on a test batch."""
         with torch.no_grad():
