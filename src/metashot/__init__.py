@@ -5,7 +5,8 @@ from metashot.data import Episode, EpisodeSampler, FewShotDataset, Omniglot, epi
 from metashot.evaluate import Result, evaluate
 from metashot.methods import METHODS, Method, MetricMethod, ProtoNet, RBFKernel
 from metashot.nn import MLP, Conv4
-from metashot.train import Trainer, evaluate_run, train
+from metashot.runs import evaluate_run
+from metashot.train import Trainer, train
 
 __version__ = "0.1.0"
 

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
 from metashot import presets
-from metashot.config import Config
+from metashot.config import Config, check_types, field_types
+from metashot.errors import ConfigError, MetashotError
 from metashot.methods import METHODS
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line error format of every other metashot error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"metashot: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,36 +27,36 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         "train",
         help="meta-train a method, then test it",
         description="Meta-train METHOD with a preset's recipe (options override it), then print "
-        "the test accuracy with its 95%% CI.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "the test accuracy with its 95% CI. Options left out take the preset's value.",
     )
     p.add_argument("method", choices=sorted(METHODS), help="the method to train")
     p.add_argument("--preset", help="a named recipe (see `metashot presets`); default: the method's "
                    "5-way 1-shot Omniglot preset")
-    p.add_argument("--task", help="task source: omniglot, folder, ... (default: the preset's)")
-    p.add_argument("--ways", type=int, help="classes per test episode (default: the preset's)")
-    p.add_argument("--shots", type=int, help="support examples per class (default: the preset's)")
-    p.add_argument("--queries", type=int, help="query examples per class at test (default: the preset's)")
-    p.add_argument("--train-ways", type=int, help="classes per training episode (default: the preset's)")
-    p.add_argument("--train-queries", type=int, help="queries per class in training (default: the preset's)")
-    p.add_argument("--meta-batch", type=int, help="episodes per optimizer step (default: the preset's)")
+    p.add_argument("--task", help="task source: omniglot, folder, sinusoid, omniglot-sequences")
+    p.add_argument("--ways", type=int, help="classes per test episode")
+    p.add_argument("--shots", type=int, help="support examples per class (training too)")
+    p.add_argument("--queries", type=int, help="query examples per class at test")
+    p.add_argument("--train-ways", type=int, help="classes per training episode")
+    p.add_argument("--train-queries", type=int, help="queries per class in training")
+    p.add_argument("--meta-batch", type=int, help="episodes per optimizer step")
     p.add_argument("--max-episodes", type=int, dest="steps",
-                   help="training steps: episodes, or meta-batches of episodes (default: the preset's)")
+                   help="training length in optimizer steps: one episode each for protonet and "
+                   "matching, one meta-batch of --meta-batch episodes for maml, mann and lstm")
     p.add_argument("--max-minutes", type=float,
-                   help="stop training after this many minutes of training (default: no limit)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (default: the preset's)")
-    p.add_argument("--val-every", type=int,
-                   help="steps between validations and checkpoints (default: the preset's)")
-    p.add_argument("--test-episodes", type=int,
-                   help="test episodes (default: the preset's, 1000 for the papers')")
-    p.add_argument("--run-dir", type=Path, help="run folder (default: runs/PRESET-seedS)")
-    p.add_argument("--data-dir", help="dataset folder (default: $METASHOT_DATA, else ~/.cache/metashot)")
-    p.add_argument("--seed", type=int, help="seed of the split, initialisation and episodes (default: 0)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
+                   help="stop after this many minutes of training (validation excluded); default: no limit")
+    p.add_argument("--lr", type=float, help="Adam learning rate")
+    p.add_argument("--val-every", type=int, help="steps between validations and checkpoints")
+    p.add_argument("--test-episodes", type=int, help="test episodes (the papers': 1000, MAML 600)")
+    p.add_argument("--run-dir", type=Path, help="run folder; default: runs/PRESET-seedS")
+    p.add_argument("--data-dir", help="dataset folder; default: $METASHOT_DATA, else ~/.cache/metashot")
+    p.add_argument("--seed", type=int, help="seed of the split, initialisation and episodes; default: 0")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps; default: cpu")
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                   help="any config field, e.g. --set method_args='{\"distance\": \"cosine\"}' "
-                        "(a dict updates the preset's)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from last.pt")
+                   help="any config field, e.g. --set method_args='{\"fce\": true}' (a dict updates the "
+                   "preset's; a string field takes a bare word: --set schedule=cosine)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir from its last.pt, as configured; options given "
+                   "may change only its length, time limit, device, data folder and test episodes")
     p.add_argument("--json", action="store_true", help="print the test result as one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -56,21 +66,21 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
         "evaluate",
         help="evaluate a finished or interrupted run",
         description="Evaluate RUN_DIR's best checkpoint (else its last) on the test classes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("run_dir", type=Path, help="the run folder")
-    p.add_argument("--test-episodes", type=int, help="test episodes (default: the run's)")
-    p.add_argument("--ways", type=int, help="classes per test episode (default: the run's)")
-    p.add_argument("--shots", type=int, help="support examples per class (default: the run's)")
-    p.add_argument("--checkpoint", default="best.pt", help="checkpoint file in the run folder")
-    p.add_argument("--device", help="device (default: the run's)")
+    p.add_argument("--test-episodes", type=int, help="test episodes; default: the run's")
+    p.add_argument("--ways", type=int, help="classes per test episode; default: the run's")
+    p.add_argument("--shots", type=int, help="support examples per class; default: the run's")
+    p.add_argument("--checkpoint", default="best.pt", help="checkpoint in the run folder; default: best.pt")
+    p.add_argument("--device", help="device; default: the run's")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="metashot", description="Meta-learning: train, evaluate, plot.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="metashot", description="Meta-learning: train, evaluate, plot.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_parser(sub)
     _evaluate_parser(sub)
     sub.add_parser("presets", help="list the presets")
@@ -95,38 +105,95 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    name = args.preset or presets.default_preset(args.method, args.task)
-    cfg = presets.get(name) if name else Config(method=args.method)
-    if cfg.method != args.method:
-        raise SystemExit(f"preset {name!r} is for {cfg.method}, not {args.method}")
-    changes = {
-        k: v
-        for k in ("task", "ways", "shots", "queries", "train_ways", "train_queries", "meta_batch",
-                  "steps", "max_minutes", "lr", "val_every", "test_episodes", "data_dir", "seed", "device")
-        if (v := getattr(args, k)) is not None
-    }
+OPTIONS = ("task", "ways", "shots", "queries", "train_ways", "train_queries", "meta_batch", "steps",
+           "max_minutes", "lr", "val_every", "test_episodes", "data_dir", "seed", "device")
+
+
+def _parse_set(item: str) -> tuple[str, Any]:
+    """``KEY=JSON`` of ``--set``: a known field and a value of its type (a bare word for a string field)."""
+    key, eq, text = item.partition("=")
+    hints = field_types()
+    if not eq or key not in hints:
+        raise ConfigError(f"--set {item}: expected KEY=JSON with KEY a config field ({', '.join(hints)})")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        if not _takes_string(hints[key]):
+            raise ConfigError(f"--set {item}: {text!r} is not JSON (numbers as 0.1, dicts as "
+                              f"'{{\"key\": 1}}', strings in double quotes)") from None
+        value = text
+    check_types({key: value}, "--set")
+    return key, value
+
+
+def _takes_string(kind: Any) -> bool:
+    return kind is str or str in getattr(kind, "__args__", ())
+
+
+def _changes(args: argparse.Namespace, base: Config) -> dict[str, Any]:
+    """The config fields the command line sets explicitly, over ``base``."""
+    changes = {k: v for k in OPTIONS if (v := getattr(args, k)) is not None}
     for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            changes[key] = json.loads(value)
-        except json.JSONDecodeError:
-            changes[key] = value
-        # a dict (method_args, task_args) updates the preset's: --set method_args='{"fce": true}' keeps
+        key, value = _parse_set(item)
+        # a dict (method_args, task_args) updates the base's: --set method_args='{"fce": true}' keeps
         # the preset's other method arguments
-        if isinstance(changes[key], dict) and isinstance(current := getattr(cfg, key, None), dict):
-            changes[key] = current | changes[key]
+        if isinstance(value, dict) and isinstance(current := getattr(base, key), dict):
+            value = current | value
+        changes[key] = value
     # a changed test shot changes the training shot too (the papers train with the test shot)
     if "shots" in changes:
         changes.setdefault("train_shots", changes["shots"])
-    try:
-        return cfg.replace(**changes)
-    except TypeError as e:
-        raise SystemExit(f"bad --set: {e}") from e
+    return changes
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The preset (or, with ``--resume``, the run's saved config) with the options given applied."""
+    from metashot.runs import RunFolder, resume_config
+
+    if args.resume:
+        saved = RunFolder(_run_dir(args, None)).load_config()
+        if args.preset is not None:
+            raise ConfigError("--resume continues the run's own recipe; drop --preset")
+        return resume_config(saved, _changes(args, saved))
+    name = args.preset or presets.default_preset(args.method, args.task)
+    cfg = presets.get(name) if name else Config(method=args.method)
+    if cfg.method != args.method:
+        raise ConfigError(f"preset {name!r} is for {cfg.method}, not {args.method}")
+    return cfg.replace(**_changes(args, cfg)).validate()
+
+
+def _run_dir(args: argparse.Namespace, cfg: Config | None) -> Path:
+    if args.run_dir is not None:
+        return args.run_dir
+    if cfg is None:
+        raise ConfigError("--resume needs --run-dir, the run folder to continue")
+    return Path("runs") / f"{cfg.preset or cfg.method}-seed{cfg.seed}"
+
+
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if (value := getattr(args, name)) is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    try:
+        return _run(args)
+    except MetashotError as e:
+        if args.debug:
+            raise
+        print(f"metashot: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt as e:  # a signal during the test (Interrupted) or outside a run
+        if args.debug:
+            raise
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"metashot: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "presets":
         for name, cfg in sorted(presets.PRESETS.items()):
             print(f"{name:30} {presets.describe(cfg)}")
@@ -151,17 +218,20 @@ def main(argv: list[str] | None = None) -> int:
         print(args.out)
         return 0
 
-    from metashot.train import Trainer, evaluate_run
+    from metashot.runs import evaluate_run
+    from metashot.train import Trainer
 
     if args.command == "train":
         cfg = config_from_args(args)
-        run_dir = args.run_dir or Path("runs") / f"{cfg.preset or cfg.method}-seed{cfg.seed}"
-        trainer = Trainer(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+        trainer = Trainer(cfg, _run_dir(args, cfg), resume=args.resume, progress=not args.no_progress)
         trainer.fit()
+        if not trainer.finished:
+            return 128 + (trainer.stopped_by or 0)
         result = trainer.test()
     else:
+        _positive(args, "test_episodes", "ways", "shots")
         result = evaluate_run(args.run_dir, args.test_episodes, args.checkpoint, args.device,
-                          not args.no_progress, args.ways, args.shots)
+                              not args.no_progress, args.ways, args.shots)
     print(result.to_json() if args.json else result.table() + "\n" + result.summary())
     return 0
 

@@ -1,12 +1,22 @@
-"""Run configuration: every hyperparameter of a run, saved with it."""
+"""Run configuration: every hyperparameter of a run, saved with it, checked before any work is done."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from metashot.errors import ConfigError
+
+# Fields added after runs were first saved, with the value that reproduces the older behaviour, so that
+# an older config.json still loads; any other missing field is an error.
+ADDED_FIELDS: dict[str, Any] = {"schedule": "step"}
+SCHEDULES = ("step", "cosine", "constant")
 
 
 @dataclass
@@ -56,16 +66,95 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def validate(self) -> Config:
+        """Raise :class:`ConfigError` naming the first value that cannot be used; return ``self``."""
+        check_types(self.to_dict(), "config")
+        at_least = {
+            "ways": 1, "shots": 1, "queries": 0, "train_ways": 1, "train_shots": 1, "train_queries": 0,
+            "meta_batch": 1, "steps": 1, "lr_step": 1, "val_every": 1, "val_episodes": 1,
+            "test_episodes": 1, "seed": 0,
+        }
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ConfigError(f"{_option(name)} must be at least {low}, got {getattr(self, name)}")
+        for name in ("lr", "lr_gamma"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{_option(name)} must be a positive finite number, got {value}")
+        if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
+            raise ConfigError(f"--max-minutes must be a positive number of minutes, got {self.max_minutes}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        return self
+
     def save(self, path: Path) -> None:
         from metashot.io import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: Path) -> Config:
-        data = json.loads(Path(path).read_text())
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
+    def from_dict(cls, data: Any, source: str = "config") -> Config:
+        """A validated config from plain data, every field present (but :data:`ADDED_FIELDS`)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object of config fields, got {type(data).__name__}")
+        data = ADDED_FIELDS | data
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        missing = [n for n in names if n not in data]
         if unknown:
-            raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
-        return cls(**data)
+            raise ConfigError(f"{source}: unknown config fields {unknown}; known: {', '.join(names)}")
+        if missing:
+            raise ConfigError(f"{source}: missing config fields {missing}")
+        check_types(data, source)
+        return cls(**data).validate()
+
+    @classmethod
+    def load(cls, path: Path) -> Config:
+        """The config saved in ``path`` (a run's ``config.json``), checked."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file; is {Path(path).parent} a run folder?") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
+        return cls.from_dict(data, str(path))
+
+
+def _option(name: str) -> str:
+    """The command-line spelling of a config field, for messages."""
+    return {"steps": "--max-episodes"}.get(name, "--" + name.replace("_", "-"))
+
+
+def field_types() -> dict[str, Any]:
+    return typing.get_type_hints(Config)
+
+
+def _matches(value: Any, kind: Any) -> bool:
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        return any(_matches(value, k) for k in typing.get_args(kind))
+    if kind is type(None):
+        return value is None
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    origin = typing.get_origin(kind) or kind
+    return isinstance(value, origin)
+
+
+def type_name(kind: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", type(None): "null", dict: "a JSON object"}
+    args = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    return " or ".join(names.get(typing.get_origin(a) or a, str(a)) for a in args)
+
+
+def check_types(data: dict[str, Any], source: str) -> None:
+    """Raise :class:`ConfigError` for the first field of ``data`` whose value has the wrong type."""
+    hints = field_types()
+    for name, value in data.items():
+        if name in hints and not _matches(value, hints[name]):
+            raise ConfigError(
+                f"{source}: {name} must be {type_name(hints[name])}, got {json.dumps(value)}"
+            )

@@ -49,18 +49,18 @@ def plot_sinusoid(
     import matplotlib.pyplot as plt
     import torch
 
-    from metashot.config import Config
     from metashot.data.sinusoid import X_RANGE, SinusoidSampler
     from metashot.data.tasks import build_source
-    from metashot.train import build_method, load_checkpoint
+    from metashot.errors import ConfigError
+    from metashot.methods import build_method
+    from metashot.runs import RunFolder
 
-    run_dir = Path(run_dir)
-    cfg = Config.load(run_dir / "config.json")
+    folder = RunFolder(run_dir)
+    cfg = folder.load_config()
     if cfg.task != "sinusoid" or cfg.method != "maml":
-        raise ValueError(f"{run_dir} is a {cfg.method} run on {cfg.task}, not maml on sinusoid")
-    method = build_method(cfg, build_source(cfg))
-    path = run_dir / checkpoint if (run_dir / checkpoint).exists() else run_dir / "last.pt"
-    method.load_state_dict(load_checkpoint(path)["method"])
+        raise ConfigError(f"{run_dir} is a {cfg.method} run on {cfg.task}, not maml on sinusoid")
+    method = build_method(cfg.method, build_source(cfg).info, cfg.method_args)
+    method.load_state_dict(folder.weights(checkpoint))
     method.eval()
     sampler = SinusoidSampler(shots or cfg.shots, 0, episode + 1, cfg.seed, "test")
     task, ep = sampler.task(episode), sampler.episode(episode)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from metashot.config import Config
 from metashot.data.tasks import TASKS
+from metashot.errors import ConfigError
 
 
 def _omniglot_protonet(ways: int, shots: int) -> Config:
@@ -133,5 +134,5 @@ def describe(cfg: Config) -> str:
 def get(name: str) -> Config:
     """The preset ``name``, with ``preset`` set to its name."""
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
     return PRESETS[name].replace(preset=name)

@@ -1,18 +1,14 @@
-"""One trainer for every method: Adam with a step schedule, validation, checkpoints, resume.
+"""One trainer for every method: the optimizer, the schedule, validation, checkpoints, resume, signals.
 
-A run folder holds ``config.json``, ``metrics.csv`` (one row per validation), ``last.pt`` (to resume)
-and ``best.pt`` (the best validation ``metric``), and after testing ``result.json``. Checkpoints hold
-tensors and plain data only and load with ``torch.load(weights_only=True)``; every file is written to
-a temporary name and renamed into place, so a kill at any moment leaves the previous version whole.
+The run folder's files and their guarantees live in :mod:`metashot.runs`; this module is the loop.
 """
 
 from __future__ import annotations
 
-import csv
 import ctypes
-import io
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,17 +17,22 @@ import torch
 from tqdm.auto import tqdm
 
 from metashot.config import Config
-from metashot.data.tasks import TaskSource, build_source
+from metashot.data.tasks import PARTS, TaskSource, build_source
+from metashot.errors import ConfigError, NonFiniteError
 from metashot.evaluate import Result, evaluate
-from metashot.io import atomic_write, atomic_write_text
-from metashot.methods import METHODS
+from metashot.methods import build_method
 from metashot.methods.base import Method
+from metashot.runs import RunFolder, resume_config
 
-CSV_FIELDS = ["step", "episodes", "minutes", "lr", "train_loss", "train_metric", "val_metric", "val_ci95"]
+CHECK_EVERY = 25  # steps between host syncs that check the loss and the weights are finite
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite."""
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived outside a training step (during validation or the test)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def keep_freed_memory() -> bool:
@@ -49,15 +50,6 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
-def build_method(cfg: Config, source: TaskSource) -> Method:
-    if cfg.method not in METHODS:
-        raise ValueError(f"unknown method {cfg.method!r}; known: {', '.join(sorted(METHODS))}")
-    return METHODS[cfg.method].build(source.info, **cfg.method_args)
-
-
-SCHEDULES = ("step", "cosine", "constant")
-
-
 def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
     """The learning-rate schedule ``cfg.schedule``, stepped once per optimizer step."""
     lr = torch.optim.lr_scheduler
@@ -65,141 +57,150 @@ def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim
         return lr.StepLR(optimizer, cfg.lr_step, cfg.lr_gamma)
     if cfg.schedule == "cosine":
         return lr.CosineAnnealingLR(optimizer, cfg.steps)
-    if cfg.schedule == "constant":
-        return lr.LambdaLR(optimizer, lambda _: 1.0)
-    raise ValueError(f"schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+    return lr.LambdaLR(optimizer, lambda _: 1.0)
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
-
-
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint without executing code from it (tensors and plain data only)."""
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+def check_device(name: str) -> torch.device:
+    """``name`` as a device this machine has, else :class:`ConfigError`."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable metashot checkpoint ({e})") from e
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r} is not a device; expected cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ConfigError(f"--device {name}: this machine has {count} CUDA device(s); use --device cpu")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name}: unsupported device type; expected cpu, cuda, cuda:N or mps")
+    return device
 
 
 class Trainer:
     """Meta-trains ``cfg.method`` on ``cfg.task`` into ``run_dir``.
 
-    ``Trainer(cfg, run_dir).fit()`` trains (continuing from ``last.pt`` with ``resume=True``);
-    ``.test()`` evaluates the best checkpoint on the test classes.
+    ``Trainer(cfg, run_dir).fit()`` trains; with ``resume=True`` it continues the run in ``run_dir`` from
+    its ``last.pt`` (``cfg=None`` takes the run's own config; a given one may change only
+    :data:`metashot.runs.RESUMABLE` fields). ``.test()`` evaluates the best weights on the test classes.
+    Everything about the config and the episode shapes is checked here, before any training.
     """
 
     def __init__(
         self,
-        cfg: Config,
+        cfg: Config | None,
         run_dir: str | Path,
         resume: bool = False,
         progress: bool = True,
         source: TaskSource | None = None,
     ) -> None:
-        self.run_dir = Path(run_dir)
+        self.folder = RunFolder(run_dir)
         self.progress = progress
         if resume:
-            saved = Config.load(self.run_dir / "config.json")
-            # A resumed run keeps its recipe; only the length, device and evaluation size may change.
-            cfg = saved.replace(steps=cfg.steps, max_minutes=cfg.max_minutes, device=cfg.device,
-                                  test_episodes=cfg.test_episodes)
-        elif (self.run_dir / "last.pt").exists():
-            raise FileExistsError(
-                f"{self.run_dir} already holds a run; pass --resume to continue it "
-                "or choose another --run-dir"
-            )
-        self.cfg = cfg
+            saved = self.folder.load_config()
+            cfg = saved if cfg is None else resume_config(saved, {k: getattr(cfg, k) for k in cfg.to_dict()})
+        elif cfg is None:
+            raise ConfigError("a new run needs a config")
+        self.cfg = cfg.validate()
         self.resume = resume
-        self.device = torch.device(cfg.device)
+        self.device = check_device(cfg.device)
         torch.manual_seed(cfg.seed)
-        self.source = source or build_source(cfg)
-        self.method = build_method(cfg, self.source).to(self.device)
+        try:  # the task and its episode shapes against the data, before any training
+            self.source = source or build_source(cfg)
+            for part in PARTS:
+                try:
+                    self.source.loader(part, 1, seed=cfg.seed)
+                except ValueError as e:
+                    raise ConfigError(f"{cfg.task}, {part} classes: {e}") from None
+        except ValueError as e:
+            raise ConfigError(f"{cfg.task}: {e}") from None
+        self.method = build_method(cfg.method, self.source.info, cfg.method_args).to(self.device)
         self.optimizer = torch.optim.Adam(self.method.parameters(), lr=cfg.lr)
         self.scheduler = make_scheduler(cfg, self.optimizer)
         self.step = 0
         self.elapsed = 0.0
         self.best: float | None = None
-        self._stop = False
+        self.rows: list[dict[str, Any]] = []
+        self.sums = torch.zeros(2, device=self.device)  # training loss and metric since the last row
+        self.since = 0
+        self.stopped_by: int | None = None  # the signal that stopped training early
+        self._in_step = False
 
-    # -- checkpoints ---------------------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        return self.folder.path
+
+    @property
+    def finished(self) -> bool:
+        """Trained to ``cfg.steps``, or to ``cfg.max_minutes`` of training."""
+        c = self.cfg
+        return self.step >= c.steps or (c.max_minutes is not None and self.elapsed >= 60 * c.max_minutes)
+
+    # -- state ---------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "elapsed": self.elapsed,
             "best": self.best,
+            "rows": self.rows,
+            "sums": self.sums.cpu(),
+            "since": self.since,
             "method": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": torch.get_rng_state(),
         }
 
-    def _restore(self) -> None:
-        state = load_checkpoint(self.run_dir / "last.pt", self.device)
+    def _restore(self, state: dict[str, Any]) -> None:
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"].cpu())
         self.step, self.elapsed, self.best = state["step"], state["elapsed"], state["best"]
-        rows = self._read_csv()
-        self._write_csv([r for r in rows if int(r["step"]) <= self.step])
+        self.rows, self.since = state["rows"], state["since"]
+        self.sums = state["sums"].to(self.device)
 
-    def _read_csv(self) -> list[dict[str, str]]:
-        path = self.run_dir / "metrics.csv"
-        if not path.exists():
-            return []
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
+    # -- signals -------------------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.stopped_by is not None or not self._in_step:
+            raise Interrupted(signum)  # a second signal, or one during evaluation: stop now
+        self.stopped_by = signum
 
-    def _write_csv(self, rows: list[dict[str, Any]]) -> None:
-        text = io.StringIO()
-        writer = csv.DictWriter(text, CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(self.run_dir / "metrics.csv", text.getvalue())
+    def _handle_signals(self) -> dict[int, Any]:
+        return {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     # -- training ------------------------------------------------------------------------------
-    def _better(self, value: float) -> bool:
-        if self.best is None:
-            return True
-        return value > self.best if type(self.method).maximize else value < self.best
-
     def validate(self) -> Result:
         c = self.cfg
-        return evaluate(
-            self.method, self.source.loader("val", c.val_episodes, seed=c.seed), self.device
-        )
-
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        self._stop = True
+        return evaluate(self.method, self.source.loader("val", c.val_episodes, seed=c.seed), self.device)
 
     def fit(self) -> Method:
-        """Train to ``cfg.steps`` steps, validating and checkpointing every ``cfg.val_every``."""
+        """Train to ``cfg.steps`` steps (or ``cfg.max_minutes``), validating and checkpointing every
+        ``cfg.val_every``. SIGINT or SIGTERM saves ``last.pt`` at once and stops; ``--resume`` goes on."""
         c = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.resume:
-            self._restore()
-        else:
-            c.save(self.run_dir / "config.json")
-            self._write_csv([])
+        if self.folder.open(c, self.resume):
+            self._restore(self.folder.load_last(self.device))
+        elif self.resume:
+            print(f"metashot: {self.run_dir} has no checkpoint yet; starting its training from step 0",
+                  file=sys.stderr)
         keep_freed_memory()
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        loader = self.source.loader(
-            "train", c.steps * c.meta_batch, seed=c.seed, start=self.step * c.meta_batch
-        )
-        metric = type(self.method).metric
-        sums = torch.zeros(2, device=self.device)
-        since = 0
+        previous = self._handle_signals()
+        loader = self.source.loader("train", c.steps * c.meta_batch, seed=c.seed,
+                                    start=self.step * c.meta_batch)
         bar = tqdm(total=c.steps, initial=self.step, desc=f"train {c.method}", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
         t0 = time.perf_counter() - self.elapsed
         self.method.train()
         try:
-            for batch in loader:
+            if self.step > 0 and (not self.rows or self.rows[-1]["step"] != self.step) and self._due():
+                self._checkpoint(validate=True)  # a signal cut this step's validation short
+            with torch.random.fork_rng(devices=[]):  # the loader's base-seed draw must not shift
+                batches = iter(loader) if not self.finished else iter(())  # the RNG on resume
+            self._in_step = True
+            while True:
+                batch = next(batches, None)
+                if batch is None:
+                    break
                 self.method.on_step(self.step)
                 loss, metrics = self.method.loss(batch.to(self.device))
                 self.optimizer.zero_grad(set_to_none=True)
@@ -207,98 +208,99 @@ class Trainer:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.step += 1
-                since += 1
-                sums += torch.stack([loss.detach(), metrics[metric].detach().mean()])
+                self.since += 1
+                self.sums += torch.stack([loss.detach(), metrics[type(self.method).metric].detach().mean()])
+                self.elapsed = time.perf_counter() - t0
                 bar.update()
-                if c.max_minutes is not None and time.perf_counter() - t0 >= 60 * c.max_minutes:
-                    self._stop = True
-                last = self.step == c.steps
-                if since % 25 == 0 or last or self._stop or self.step % c.val_every == 0:
-                    # one host sync per 25 steps: a NaN is caught within 25 steps of appearing
-                    loss_avg, metric_avg = (sums / since).tolist()
-                    if not math.isfinite(loss_avg):
-                        raise NonFiniteLossError(
-                            f"training loss is {loss_avg} in the {since} steps up to step {self.step} "
-                            f"of {c.method}; lower --lr or check the data. The last checkpoint is "
-                            f"{self.run_dir / 'last.pt'}"
-                        )
-                    bar.set_postfix(loss=f"{loss_avg:.3f}", **{metric: f"{metric_avg:.3f}"})
-                if self.step % c.val_every == 0 or last or self._stop:
-                    self.elapsed = time.perf_counter() - t0
-                    self._checkpoint(sums / since)
-                    sums.zero_()
-                    since = 0
-                    self.method.train()
+                due = self._due()
+                if self.since % CHECK_EVERY == 0 or due or self.stopped_by is not None:
+                    self._check_finite(bar)
+                if due:
+                    self._checkpoint(validate=True)
                     t0 = time.perf_counter() - self.elapsed  # validation time is not training time
-                if self._stop:
-                    bar.write(f"stopped at step {self.step} (time limit or SIGTERM); --resume continues")
+                elif self.stopped_by is not None:
+                    self._checkpoint(validate=False)
+                if self.stopped_by is not None or self.finished:
                     break
+        except Interrupted as e:
+            self.stopped_by = e.signum
+            self._checkpoint(validate=False)
         finally:
+            self._in_step = False
             bar.close()
-            signal.signal(signal.SIGTERM, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.folder.close()
+        if self.stopped_by is not None:
+            print(f"metashot: stopped by {signal.Signals(self.stopped_by).name} at step {self.step}; "
+                  f"last.pt is saved, --resume continues", file=sys.stderr)
         return self.method
 
-    def _checkpoint(self, train_avg: torch.Tensor) -> None:
-        val = self.validate()
-        row = {
-            "step": self.step,
-            "episodes": self.step * self.cfg.meta_batch,
-            "minutes": f"{self.elapsed / 60:.3f}",
-            "lr": f"{self.scheduler.get_last_lr()[0]:.3g}",
-            "train_loss": f"{train_avg[0].item():.5f}",
-            "train_metric": f"{train_avg[1].item():.5f}",
-            "val_metric": f"{val.mean:.5f}",
-            "val_ci95": f"{val.ci:.5f}",
-        }
-        if self._better(val.mean):
-            self.best = val.mean
-            save_checkpoint(self.run_dir / "best.pt", {"step": self.step, "val": val.mean,
-                                                       "method": self.method.state_dict()})
-        save_checkpoint(self.run_dir / "last.pt", self._state())
-        # written after last.pt so that a row never refers to a step a resume would redo
-        self._write_csv([*self._read_csv(), row])
+    def _due(self) -> bool:
+        """Whether this step ends with a validation and checkpoint."""
+        return self.step % self.cfg.val_every == 0 or self.finished
+
+    def _check_finite(self, bar: tqdm) -> None:
+        """One host sync: the training loss and every parameter and buffer must be finite."""
+        loss_avg, metric_avg = (self.sums / max(self.since, 1)).tolist()
+        tensors = {k: v for k, v in self.method.state_dict().items() if v.is_floating_point()}
+        finite = torch.stack([v.isfinite().all() for v in tensors.values()] or [torch.tensor(True)])
+        if math.isfinite(loss_avg) and bool(finite.all()):
+            bar.set_postfix(loss=f"{loss_avg:.3f}", **{type(self.method).metric: f"{metric_avg:.3f}"})
+            return
+        bad = [k for k, v in tensors.items() if not v.isfinite().all()]
+        names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        what = f"{len(bad)} weight tensor(s) hold NaN or inf ({names})" if bad else (
+            f"the training loss is {loss_avg}")
+        last = (f"the last good checkpoint is {self.folder.last} (step {self.rows[-1]['step']})"
+                if self.rows and self.folder.last.exists() else "no checkpoint was saved before it")
+        raise NonFiniteError(
+            f"training diverged by step {self.step} of {self.cfg.method}: {what}; lower --lr "
+            f"(now {self.cfg.lr:g}) or check the data; {last}"
+        )
+
+    def _checkpoint(self, validate: bool) -> None:
+        """Save the run's state; with ``validate``, first validate and add a metrics row."""
+        best = None
+        if validate:
+            self._in_step = False  # a signal now interrupts the validation at once
+            val = self.validate()
+            self._in_step = True
+            self.method.train()
+            avg = (self.sums / max(self.since, 1)).tolist()
+            self.rows = [*self.rows, {
+                "step": self.step,
+                "episodes": self.step * self.cfg.meta_batch,
+                "minutes": f"{self.elapsed / 60:.3f}",
+                "lr": f"{self.scheduler.get_last_lr()[0]:.3g}",
+                "train_loss": f"{avg[0]:.5f}",
+                "train_metric": f"{avg[1]:.5f}",
+                "val_metric": f"{val.mean:.5f}",
+                "val_ci95": f"{val.ci:.5f}",
+            }]
+            self.sums.zero_()
+            self.since = 0
+            maximize = type(self.method).maximize
+            if self.best is None or (val.mean > self.best if maximize else val.mean < self.best):
+                self.best = val.mean
+                best = {"step": self.step, "val": val.mean, "method": self.method.state_dict()}
+        self.folder.save(self._state(), best)
 
     # -- testing -------------------------------------------------------------------------------
-    def test(self, episodes: int | None = None, checkpoint: str = "best.pt") -> Result:
-        """Evaluate ``checkpoint`` on the test part; writes ``result.json`` in the run folder."""
-        return evaluate_run(self.run_dir, episodes, checkpoint, self.cfg.device, self.progress,
-                        source=self.source)
-
-
-def evaluate_run(
-    run_dir: str | Path,
-    episodes: int | None = None,
-    checkpoint: str = "best.pt",
-    device: str | None = None,
-    progress: bool = False,
-    ways: int | None = None,
-    shots: int | None = None,
-    source: TaskSource | None = None,
-) -> Result:
-    """Evaluate a finished or interrupted run from its folder (``best.pt``, else ``last.pt``)."""
-    run_dir = Path(run_dir)
-    cfg = Config.load(run_dir / "config.json")
-    changes: dict[str, Any] = {}
-    if device:
-        changes["device"] = device
-    if ways and ways != cfg.ways:
-        changes["ways"] = ways
-    if shots and shots != cfg.shots:
-        changes["shots"] = shots
-    if changes:
-        cfg = cfg.replace(**changes)
-        source = None
-    source = source or build_source(cfg)
-    method = build_method(cfg, source).to(cfg.device)
-    path = run_dir / checkpoint
-    if not path.exists() and (run_dir / "last.pt").exists():
-        path = run_dir / "last.pt"
-    method.load_state_dict(load_checkpoint(path, cfg.device)["method"])
-    n = episodes or cfg.test_episodes
-    result = evaluate(method, source.loader("test", n, seed=cfg.seed), cfg.device, progress)
-    name = "result.json" if not changes.keys() - {"device"} else f"result-{cfg.ways}w{cfg.shots}s.json"
-    atomic_write_text(run_dir / name, result.to_json() + "\n")
-    return result
+    def test(self, episodes: int | None = None) -> Result:
+        """Evaluate the best weights (else the last) of the method this trainer holds on the test part,
+        over ``episodes`` (default ``cfg.test_episodes``); writes ``result.json``."""
+        c = self.cfg
+        self.method.load_state_dict(self.folder.weights("best.pt", self.device))
+        previous = self._handle_signals()
+        try:
+            loader = self.source.loader("test", episodes or c.test_episodes, seed=c.seed)
+            result = evaluate(self.method, loader, self.device, self.progress)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        self.folder.write_result(result)
+        return result
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> Result:

@@ -245,6 +245,7 @@ def sinusoid_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Traine
     return run, trainer
 
 
+@pytest.mark.slow
 def test_short_sinusoid_run_adapts(sinusoid_run: tuple[Path, Trainer]) -> None:
     run, trainer = sinusoid_run
     result = trainer.test()
@@ -254,6 +255,7 @@ def test_short_sinusoid_run_adapts(sinusoid_run: tuple[Path, Trainer]) -> None:
     assert one < 0.6 * pre and ten < 0.5 * pre, result.table()
 
 
+@pytest.mark.slow
 def test_sinusoid_plot(sinusoid_run: tuple[Path, Trainer], tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from metashot.plot import plot_sinusoid

@@ -127,6 +127,7 @@ def test_registered_and_built_from_task_info() -> None:
     assert lstm.memory is None and lstm.classifier.out_features == 5
 
 
+@pytest.mark.slow
 def test_trainer_runs_mann_end_to_end(omniglot_dir: Path, tmp_path: Path) -> None:
     from metashot.train import train
 
@@ -149,6 +150,7 @@ def _patterns(classes: int, seed: int) -> FewShotDataset:
     return FewShotDataset(images.expand(classes, 10, 1, 4, 4).contiguous())
 
 
+@pytest.mark.slow
 def test_short_training_binds_labels_in_one_shot() -> None:
     """After 1,000 steps on two-class episodes of held-out patterns, the 2nd presentation of a class
     is far more often right than the 1st: the label seen one step late was bound to its example.

@@ -197,6 +197,7 @@ def test_registered_and_built_from_task_info() -> None:
     assert torch.equal(bn.running_mean, torch.zeros(32)) and int(bn.num_batches_tracked) == 0
 
 
+@pytest.mark.slow
 def test_short_omniglot_run_reaches_85_percent(
     omniglot_dir: Path, omniglot: Omniglot, tmp_path: Path
 ) -> None:

@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from metashot.data.fewshot import FewShotDataset
+from metashot.errors import MetashotError
 from metashot.io import atomic_write
 
 ZIPS = ("images_background", "images_evaluation")
@@ -41,7 +42,7 @@ SPLITS = ("random", "alphabet", "official")
 _MEMBER = re.compile(r"^(images_background|images_evaluation)/([^/]+)/(character\d+)/(\d+)_(\d+)\.png$")
 
 
-class OmniglotError(RuntimeError):
+class OmniglotError(MetashotError, RuntimeError):
     """A missing, corrupt or malformed Omniglot file."""
 
 

@@ -15,6 +15,23 @@ METHODS: dict[str, type[Method]] = {
     "lstm": LSTMBaseline,
 }
 
+
+def build_method(name: str, info: TaskInfo, args: dict) -> Method:
+    """The registered method ``name`` built for tasks ``info`` with the config's ``method_args``."""
+    from metashot.errors import ConfigError
+
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+    try:
+        return METHODS[name].build(info, **args)
+    except TypeError as e:
+        if "keyword argument" not in str(e):
+            raise
+        raise ConfigError(f"method_args {args} do not fit {name}: {e}") from None
+    except ValueError as e:
+        raise ConfigError(f"{name}: {e}") from None
+
+
 __all__ = [
     "LSTMBaseline",
     "MANN",
@@ -29,5 +46,6 @@ __all__ = [
     "ProtoNet",
     "RBFKernel",
     "TaskInfo",
+    "build_method",
     "class_log_probs",
 ]
