@@ -1,0 +1,200 @@
+"""The command line on a user's mistakes: one line ``metashot: error: ...``, exit status 2, no traceback,
+nothing written; and its help. Runs anywhere (a small image folder and sinusoids, no Omniglot)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from metashot import cli
+from metashot.config import Config
+from metashot.runs import save_checkpoint
+from metashot.train import Trainer
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 classes of 6 small greyscale images."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    for c in range(10):
+        (root / f"class{c}").mkdir()
+        for i in range(6):
+            Image.new("L", (8, 8), 20 * c + i).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+SINE = ["train", "maml", "--task", "sinusoid", "--no-progress"]
+
+
+def _error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse's own errors exit
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    assert err.count("\n") == 1 and err.startswith("metashot: error: "), err
+    assert "Traceback" not in err and out == ""
+    return err.strip()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--ways", "0"], "--ways must be at least 1, got 0"),
+    (["--shots", "0"], "--shots must be at least 1, got 0"),
+    (["--queries", "-1"], "--queries must be at least 0, got -1"),
+    (["--max-episodes", "0"], "--max-episodes must be at least 1, got 0"),
+    (["--max-episodes", "-5"], "--max-episodes must be at least 1, got -5"),
+    (["--max-minutes", "-1"], "--max-minutes must be a positive number of minutes, got -1.0"),
+    (["--val-every", "0"], "--val-every must be at least 1, got 0"),
+    (["--test-episodes", "0"], "--test-episodes must be at least 1, got 0"),
+    (["--meta-batch", "0"], "--meta-batch must be at least 1, got 0"),
+    (["--lr", "-0.1"], "--lr must be a positive finite number, got -0.1"),
+    (["--lr", "inf"], "--lr must be a positive finite number, got inf"),
+    (["--lr", "nan"], "--lr must be a positive finite number, got nan"),
+    (["--preset", "nope"], "unknown preset 'nope'; known: "),
+    (["--preset", "protonet-omniglot-5w1s"], "preset 'protonet-omniglot-5w1s' is for protonet, not maml"),
+    (["--device", "cuda:7"], "--device cuda:7: this machine has"),
+    (["--device", "toaster"], "--device 'toaster' is not a device; expected cpu, cuda, cuda:N or mps"),
+    (["--set", "lr=fast"], "--set lr=fast: 'fast' is not JSON"),
+    (["--set", "bogus=1"], "--set bogus=1: expected KEY=JSON with KEY a config field"),
+    (["--set", "lr"], "--set lr: expected KEY=JSON"),
+    (["--set", 'ways="five"'], '--set: ways must be an integer, got "five"'),
+    (["--set", "method_args=5"], "--set: method_args must be a JSON object, got 5"),
+    (["--set", "schedule=sometimes"], "schedule must be one of step, cosine, constant, got 'sometimes'"),
+    (["--set", 'method_args={"bogus": 1}'], "method_args {'inner_lr': 0.01, "),
+    (["--ways", "x"], "argument --ways: invalid int value: 'x'"),
+])
+def test_bad_options_are_one_line_errors(args: list[str], message: str, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture) -> None:
+    err = _error([*SINE, "--run-dir", str(tmp_path / "run"), *args], capsys)
+    assert message in err, err
+    assert not (tmp_path / "run").exists()  # checked before anything is written
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--ways", "11"], "folder, val classes: 11-way episodes need 11 classes"),
+    (["--ways", "2", "--shots", "4", "--queries", "3"], "folder, val classes: shots + queries = 4 + 3 = 7"),
+    (["--set", 'task_args={"bogus": 1}'], "folder: unknown folder task_args ['bogus']"),
+])
+def test_episode_shapes_are_checked_against_the_data_before_training(
+    args: list[str], message: str, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = ["train", "protonet", "--task", "folder", "--data-dir", str(folder), "--no-progress",
+            "--run-dir", str(tmp_path / "run"), "--train-ways", "2", "--ways", "2", "--queries", "1",
+            "--set", "train_queries=1", *args]
+    err = _error(argv, capsys)
+    assert message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert "--ways must be at least 1, got 0" in _error(["evaluate", str(tmp_path), "--ways", "0"], capsys)
+    assert "--test-episodes must be at least 1, got 0" in _error(
+        ["evaluate", str(tmp_path), "--test-episodes", "0"], capsys)
+    assert f"{tmp_path / 'nope'}: no such run folder" in _error(["evaluate", str(tmp_path / "nope")], capsys)
+    assert f"{tmp_path / 'nope'}: no such run folder" in _error(
+        [*SINE, "--resume", "--run-dir", str(tmp_path / "nope")], capsys)
+
+
+@pytest.fixture()
+def run(tmp_path: Path) -> Path:
+    """A short finished sinusoid run."""
+    run = tmp_path / "run"
+    code = cli.main([*SINE, "--run-dir", str(run), "--max-episodes", "4", "--val-every", "2",
+                     "--test-episodes", "5", "--set", "val_episodes=5"])
+    assert code == 0
+    return run
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda p: p.write_bytes(b""), "best.pt: empty file (0 bytes), not a checkpoint"),
+    (lambda p: p.write_bytes(p.read_bytes()[:100]), "best.pt: truncated, corrupt or not a metashot"),
+    (lambda p: p.write_bytes(b"garbage" * 10), "best.pt: truncated, corrupt or not a metashot checkpoint"),
+    (lambda p: save_checkpoint(p, {"weights": torch.zeros(2)}), "best.pt: not a metashot checkpoint"),
+])
+def test_damaged_checkpoints(run: Path, damage: object, message: str, capsys: pytest.CaptureFixture) -> None:
+    capsys.readouterr()
+    damage(run / "best.pt")
+    assert message in _error(["evaluate", str(run), "--no-progress"], capsys)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda d: "{not json", "config.json: not valid JSON"),
+    (lambda d: json.dumps({**d, "ways": "five"}), 'config.json: ways must be an integer, got "five"'),
+    (lambda d: json.dumps({k: v for k, v in d.items() if k != "shots"}), "missing config fields ['shots']"),
+    (lambda d: json.dumps({**d, "color": 1}), "config.json: unknown config fields ['color']"),
+    (lambda d: json.dumps([1]), "config.json: expected a JSON object of config fields, got list"),
+])
+def test_damaged_config(run: Path, edit: object, message: str, capsys: pytest.CaptureFixture) -> None:
+    capsys.readouterr()
+    path = run / "config.json"
+    path.write_text(edit(json.loads(path.read_text())))
+    assert message in _error(["evaluate", str(run), "--no-progress"], capsys)
+    assert message in _error([*SINE, "--resume", "--run-dir", str(run)], capsys)
+
+
+def test_resume_keeps_the_runs_recipe(run: Path, capsys: pytest.CaptureFixture) -> None:
+    capsys.readouterr()
+    before = (run / "last.pt").stat().st_mtime_ns
+    # a finished 4-step run resumed without options stays at 4 steps (not the preset's 70,000)
+    assert cli.main([*SINE, "--resume", "--run-dir", str(run), "--json"]) == 0
+    assert (run / "last.pt").stat().st_mtime_ns == before
+    capsys.readouterr()
+    assert Config.load(run / "config.json").steps == 4
+    err = _error([*SINE, "--resume", "--run-dir", str(run), "--lr", "0.1"], capsys)
+    assert "--resume continues the run as configured; it cannot change lr" in err
+    assert cli.main([*SINE, "--resume", "--run-dir", str(run), "--max-episodes", "6", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["episodes"] == 5
+
+
+def test_run_folder_taken_or_a_file(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    capsys.readouterr()
+    assert "already holds a run; pass --resume" in _error([*SINE, "--run-dir", str(run)], capsys)
+    (tmp_path / "file").write_text("")
+    assert "is a file, not a run folder" in _error([*SINE, "--run-dir", str(tmp_path / "file")], capsys)
+
+
+def test_data_errors(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    base = ["train", "protonet", "--no-progress", "--run-dir", str(tmp_path / "run"), "--data-dir"]
+    err = _error([*base, str(tmp_path / "empty")], capsys)
+    assert "could not download" in err and "images_background.zip and images_evaluation.zip" in err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("images_background", "images_evaluation"):
+        with zipfile.ZipFile(bad / f"{name}.zip", "w") as z:
+            z.writestr(f"{name}/readme.txt", "x")
+    assert "unexpected member 'images_background/readme.txt'" in _error([*base, str(bad)], capsys)
+    (bad / "images_background.zip").write_bytes(b"PK\x03\x04 cut short")
+    assert "images_background.zip: corrupt or truncated zip" in _error([*base, str(bad)], capsys)
+
+
+def test_help_states_each_default_once() -> None:
+    out = subprocess.run([sys.executable, "-m", "metashot", "train", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "(default: None)" not in out and "%%" not in out and "95% CI" in out
+    options = " ".join(out.split()).split(" --")[1:]
+    assert len(options) > 15 and all(o.count("default") <= 1 for o in options)
+    flat = " ".join(out.split())
+    assert "one meta-batch of --meta- batch episodes for maml, mann and lstm" in flat
+
+
+def test_a_bug_keeps_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(Trainer, "fit", broken)
+    with pytest.raises(ZeroDivisionError):
+        cli.main([*SINE, "--max-episodes", "2", "--run-dir", str(tmp_path / "run")])
