@@ -104,8 +104,10 @@ def test_folder_dataset(tmp_path: Path) -> None:
         for i in range(4 + c):
             Image.new("L", (10, 10), color=40 * c + i).save(tmp_path / f"class{c}" / f"{i}.png")
     data = FewShotDataset.from_folder(tmp_path, image_size=6)
-    assert data.images.shape == (3, 4, 1, 6, 6) and data.class_names == ["class0", "class1", "class2"]
-    assert int(data.images[2, 1, 0, 0, 0]) == 81
+    # every image kept: classes of 4, 5 and 6 images, one after another
+    assert data.flat.shape == (15, 1, 6, 6) and data.class_names == ["class0", "class1", "class2"]
+    assert data.class_sizes.tolist() == [4, 5, 6]
+    assert data.flat[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 40, 41, 42, 43, 44, 80, 81, 82, 83, 84, 85]
     (tmp_path / "class0" / "broken.png").write_bytes(b"nope")
     with pytest.raises(ValueError, match=r"broken.png: image does not decode"):
         FewShotDataset.from_folder(tmp_path)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from metashot.data.fewshot import FewShotDataset, draw_examples, episode_generator
+from metashot.data.fewshot import ClassLayout, FewShotDataset, episode_generator
 from metashot.methods.base import TaskInfo
 
 LABEL_MODES = ("onehot", "string")
@@ -82,18 +82,20 @@ def instance_counts(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 class SequenceSampler(Sampler[SequenceIndex]):
-    """Draws ``episodes`` sequence episodes of ``classes`` classes x ``instances`` examples.
+    """Draws sequence episodes of ``classes`` classes x ``instances`` examples from ``num_classes``
+    classes of ``examples_per_class`` examples (one number for all, or one per class).
 
-    Classes without replacement; examples of a class without replacement; a random order of the
-    T = classes * instances steps. With ``max_rotation`` (degrees) or ``max_shift`` (pixels) above 0,
-    each image gets a uniform random rotation in +-max_rotation and shift in +-max_shift per axis.
-    Episode ``i`` is drawn from a generator seeded with ``(seed, i)``; ``start`` skips episodes.
+    Classes without replacement; examples of a class without replacement, uniformly over the class's
+    own examples; a random order of the T = classes * instances steps. With ``max_rotation`` (degrees)
+    or ``max_shift`` (pixels) above 0, each image gets a uniform random rotation in +-max_rotation and
+    shift in +-max_shift per axis. Episode ``i`` is drawn from a generator seeded with ``(seed, i)``;
+    ``start`` skips episodes.
     """
 
     def __init__(
         self,
         num_classes: int,
-        examples_per_class: int,
+        examples_per_class: int | Sequence[int] | torch.Tensor,
         classes: int,
         instances: int,
         episodes: int,
@@ -107,11 +109,14 @@ class SequenceSampler(Sampler[SequenceIndex]):
             raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
         if classes > num_classes:
             raise ValueError(f"{classes}-class episodes need {classes} classes, the data has {num_classes}")
-        if not 1 <= instances <= examples_per_class:
-            raise ValueError(f"instances must be in 1..{examples_per_class}, got {instances}")
+        if instances < 1:
+            raise ValueError(f"instances must be at least 1, got {instances}")
+        self.layout = ClassLayout.of(num_classes, examples_per_class)
+        message = self.layout.fewer_than(instances, "instances")
+        if message is not None:
+            raise ValueError(message)
         if labels == "string" and classes > STRING_SYMBOLS**STRING_LENGTH:
             raise ValueError(f"at most {STRING_SYMBOLS**STRING_LENGTH} distinct string labels")
-        self.num_classes, self.examples_per_class = num_classes, examples_per_class
         self.classes, self.instances, self.labels = classes, instances, labels
         self.max_rotation, self.max_shift = max_rotation, max_shift
         self.episodes, self.seed, self.start = episodes, seed, start
@@ -123,7 +128,7 @@ class SequenceSampler(Sampler[SequenceIndex]):
     def episode(self, i: int) -> SequenceIndex:
         g = episode_generator(self.seed, i)
         c, k, t = self.classes, self.instances, self.classes * self.instances
-        drawn = draw_examples(g, self.num_classes, self.examples_per_class, c, k)  # row = episode label
+        drawn = self.layout.draw(g, c, k)  # row = episode label
         order = torch.randperm(t, generator=g)
         label = torch.arange(c).repeat_interleave(k)[order]  # [T] episode class of each step
         indices = drawn.reshape(-1)[order]
@@ -192,8 +197,9 @@ def sequence_loader(
     num_workers: int = 0,
 ) -> DataLoader:
     """Batches (:class:`SequenceBatch`) of ``batch_size`` sequence episodes, ``episodes`` in all."""
+    data.require(instances, "instances")
     sampler = SequenceSampler(
-        data.num_classes, data.examples_per_class, classes, instances, episodes, labels,
+        data.num_classes, data.class_sizes, classes, instances, episodes, labels,
         max_rotation, max_shift, seed, start,
     )
     dataset = SequenceDataset(data)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from metashot.config import Config
-from metashot.data.fewshot import FewShotDataset, episode_loader
+from metashot.data.fewshot import SMALL_CLASSES, FewShotDataset, episode_loader
 from metashot.data.omniglot import Omniglot
 from metashot.data.sequences import (
     LABEL_MODES,
@@ -59,16 +59,22 @@ class FewShotSource(TaskSource):
     def info(self) -> TaskInfo:
         return TaskInfo(self.dataset("test").image_shape, self.cfg.ways, self.cfg.train_ways)
 
-    def loader(self, part: str, episodes: int, seed: int, start: int = 0) -> Iterable[Any]:
+    def episode_shape(self, part: str) -> tuple[int, int, int]:
+        """Ways, shots and queries per class of ``part``'s episodes (training has its own)."""
         c = self.cfg
-        train = part == "train"
+        if part == "train":
+            return c.train_ways, c.train_shots, c.train_queries
+        return c.ways, c.shots, c.queries
+
+    def loader(self, part: str, episodes: int, seed: int, start: int = 0) -> Iterable[Any]:
+        ways, shots, queries = self.episode_shape(part)
         return episode_loader(
             self.dataset(part),
-            ways=c.train_ways if train else c.ways,
-            shots=c.train_shots if train else c.shots,
-            queries=c.train_queries if train else c.queries,
+            ways=ways,
+            shots=shots,
+            queries=queries,
             episodes=episodes,
-            meta_batch=c.meta_batch,
+            meta_batch=self.cfg.meta_batch,
             seed=seed,
             start=start,
         )
@@ -109,7 +115,8 @@ class OmniglotSource(FewShotSource):
 class FolderSource(FewShotSource):
     """A folder of class sub-folders (``data_dir``), its classes split by seed into train/val/test.
 
-    task_args: image_size (28), channels (1), fractions ([0.6, 0.2, 0.2]).
+    task_args: image_size (28), channels (1), fractions ([0.6, 0.2, 0.2]), small_classes ("error" or
+    "drop": what to do with a part's classes of fewer images than that part's shots + queries).
     """
 
     def __init__(self, cfg: Config) -> None:
@@ -117,22 +124,31 @@ class FolderSource(FewShotSource):
         if cfg.data_dir is None:
             raise ValueError("the folder task needs --data-dir, a folder of class sub-folders")
         args = dict(cfg.task_args)
-        data = FewShotDataset.from_folder(
-            cfg.data_dir, args.pop("image_size", 28), args.pop("channels", 1)
-        )
+        image_size, channels = args.pop("image_size", 28), args.pop("channels", 1)
         fractions = args.pop("fractions", [0.6, 0.2, 0.2])
+        small_classes = args.pop("small_classes", "error")
         if args:
             raise ValueError(f"unknown folder task_args {sorted(args)}")
+        if small_classes not in SMALL_CLASSES:  # before the folder is decoded
+            raise ValueError(f"small_classes must be one of {SMALL_CLASSES}, got {small_classes!r}")
+        data = FewShotDataset.from_folder(cfg.data_dir, image_size, channels)
         perm = torch.randperm(data.num_classes, generator=torch.Generator().manual_seed(cfg.seed))
         bounds = torch.tensor([0.0, *fractions]).cumsum(0).mul(data.num_classes).round().long()
-        self._parts = {
-            p: FewShotDataset(
-                data.images[perm[a:b]], [data.class_names[i] for i in perm[a:b].tolist()]
-            )
-            for p, a, b in zip(PARTS, bounds[:-1].tolist(), bounds[1:].tolist())
+        self.small_classes = small_classes
+        self._split = {
+            p: data.subset(perm[a:b]) for p, a, b in zip(PARTS, bounds[:-1].tolist(), bounds[1:].tolist())
         }
+        self._parts: dict[str, FewShotDataset] = {}
 
     def dataset(self, part: str) -> FewShotDataset:
+        """``part``'s classes; those with fewer images than its episodes' shots + queries are named in an
+        error or left out with a warning, as ``small_classes`` says."""
+        if part not in self._parts:
+            _, shots, queries = self.episode_shape(part)
+            self._parts[part] = self._split[part].require(
+                shots + queries, f"shots + queries = {shots} + {queries}", self.small_classes,
+                hint="--set task_args='{\"small_classes\": \"drop\"}' leaves them out",
+            )
         return self._parts[part]
 
 
