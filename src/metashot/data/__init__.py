@@ -1,6 +1,13 @@
 """Data: Omniglot, episode sampling, task sources."""
 
-from metashot.data.fewshot import Episode, EpisodeIndex, EpisodeSampler, FewShotDataset, episode_loader
+from metashot.data.fewshot import (
+    Episode,
+    EpisodeIndex,
+    EpisodeSampler,
+    FewShotDataset,
+    SeededSampler,
+    episode_loader,
+)
 from metashot.data.omniglot import Omniglot, OmniglotError
 
 __all__ = [
@@ -10,5 +17,6 @@ __all__ = [
     "FewShotDataset",
     "Omniglot",
     "OmniglotError",
+    "SeededSampler",
     "episode_loader",
 ]

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +31,7 @@ INTEGER_RANGES = {
 # Pillow's RGB-to-L weights (ITU-R 601-2 in 16-bit fixed point): integer RGB rounds as Image.convert("L")
 LUMA = np.array([19595, 38470, 7471]) / 65536
 SMALL_CLASSES = ("error", "drop")
+T = TypeVar("T")
 
 
 @dataclass
@@ -323,14 +326,57 @@ def episode_generator(seed: int, i: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + i)
 
 
-class EpisodeSampler(Sampler[EpisodeIndex]):
+class SeededSampler(Sampler[T], ABC):
+    """Episodes ``start`` .. ``episodes - 1`` of a stream in which episode ``i`` depends only on
+    ``(seed, i)``; subclasses define :meth:`episode`.
+
+    Rank ``rank`` of ``world_size`` processes takes ``range(start + rank, episodes, world_size)``;
+    ``episodes`` and ``start`` count the episodes of all ranks. With batches of B / W episodes per rank,
+    step s of rank r holds episodes start + s*B + r + k*W (k < B / W), so the ranks' step s together is
+    exactly the one-process step s.
+    """
+
+    def __init__(
+        self, episodes: int, seed: int = 0, start: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
+        self.episodes, self.seed, self.start = episodes, seed, start
+        self.rank, self.world_size = rank, world_size
+
+    @abstractmethod
+    def episode(self, i: int) -> T:
+        """Episode ``i`` of the stream."""
+
+    def indices(self) -> range:
+        """The episodes this rank draws, in order."""
+        return range(self.start + self.rank, self.episodes, self.world_size)
+
+    def __iter__(self) -> Iterator[T]:
+        for i in self.indices():
+            yield self.episode(i)
+
+    def __len__(self) -> int:
+        return len(self.indices())
+
+
+def rank_batch(meta_batch: int, world_size: int) -> int:
+    """The episodes per batch of each of ``world_size`` processes that together take ``meta_batch``."""
+    if meta_batch % world_size:
+        raise ValueError(
+            f"--meta-batch {meta_batch} does not split over {world_size} processes: "
+            f"pass a multiple of {world_size}"
+        )
+    return meta_batch // world_size
+
+
+class EpisodeSampler(SeededSampler[EpisodeIndex]):
     """Draws N-way K-shot Q-query episodes from ``num_classes`` classes of ``examples_per_class``
     examples (one number for all, or one per class).
 
     Classes without replacement, examples without replacement within a class, uniformly over the
-    class's own examples. Episode ``i`` is drawn from a generator seeded with ``(seed, i)``. ``start``
-    skips the first episodes (to resume); ``rank``/``world_size`` keep every ``world_size``-th episode (to
-    shard over DDP processes).
+    class's own examples. Episode ``i`` is drawn from a generator seeded with ``(seed, i)``; ``start``,
+    ``rank`` and ``world_size`` as in :class:`SeededSampler`.
     """
 
     def __init__(
@@ -346,6 +392,7 @@ class EpisodeSampler(Sampler[EpisodeIndex]):
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
+        super().__init__(episodes, seed, start, rank, world_size)
         if ways < 1 or shots < 1 or queries < 0:
             raise ValueError(f"need ways >= 1, shots >= 1, queries >= 0; got {ways}, {shots}, {queries}")
         if ways > num_classes:
@@ -355,8 +402,6 @@ class EpisodeSampler(Sampler[EpisodeIndex]):
         if message is not None:
             raise ValueError(message)
         self.ways, self.shots, self.queries = ways, shots, queries
-        self.episodes, self.seed, self.start = episodes, seed, start
-        self.rank, self.world_size = rank, world_size
 
     @classmethod
     def for_dataset(
@@ -371,13 +416,6 @@ class EpisodeSampler(Sampler[EpisodeIndex]):
         indices = self.layout.draw(g, self.ways, self.shots + self.queries)
         return EpisodeIndex(indices, self.shots)
 
-    def __iter__(self) -> Iterator[EpisodeIndex]:
-        for i in range(self.start + self.rank, self.episodes, self.world_size):
-            yield self.episode(i)
-
-    def __len__(self) -> int:
-        return len(range(self.start + self.rank, self.episodes, self.world_size))
-
 
 def episode_loader(
     dataset: FewShotDataset,
@@ -388,13 +426,18 @@ def episode_loader(
     meta_batch: int = 1,
     seed: int = 0,
     start: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
     num_workers: int = 0,
 ) -> DataLoader:
-    """Batches of ``meta_batch`` episodes ([B, ...] :class:`Episode`), ``episodes`` in all."""
+    """Batches of ``meta_batch`` episodes ([B, ...] :class:`Episode`), ``episodes`` in all; process
+    ``rank`` of ``world_size`` gets its batches of ``meta_batch // world_size`` (see
+    :class:`SeededSampler`)."""
     sampler = EpisodeSampler.for_dataset(
-        dataset, ways=ways, shots=shots, queries=queries, episodes=episodes, seed=seed, start=start
+        dataset, ways=ways, shots=shots, queries=queries, episodes=episodes, seed=seed, start=start,
+        rank=rank, world_size=world_size,
     )
     return DataLoader(
-        dataset, sampler=sampler, batch_size=meta_batch, collate_fn=Episode.collate,
-        num_workers=num_workers,
+        dataset, sampler=sampler, batch_size=rank_batch(meta_batch, world_size),
+        collate_fn=Episode.collate, num_workers=num_workers,
     )

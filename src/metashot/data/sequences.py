@@ -7,20 +7,21 @@ in 0..4, the C strings distinct, drawn from the 3,125 possible). ``instance`` [T
 presentations of the step's class so far (1 at its first appearance). Training images get random
 small rotations and translations, applied to the whole batch with one ``affine_grid``/``grid_sample``.
 
-Episode ``i`` depends only on ``(seed, i)`` (as :class:`~metashot.data.fewshot.EpisodeSampler`).
+Episode ``i`` depends only on ``(seed, i)``, and processes shard the stream, as in
+:class:`~metashot.data.fewshot.SeededSampler`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from metashot.data.fewshot import ClassLayout, FewShotDataset, episode_generator
+from metashot.data.fewshot import ClassLayout, FewShotDataset, SeededSampler, episode_generator, rank_batch
 from metashot.methods.base import TaskInfo
 
 LABEL_MODES = ("onehot", "string")
@@ -81,7 +82,7 @@ def instance_counts(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
     return seen.gather(-1, classes.unsqueeze(-1)).squeeze(-1)
 
 
-class SequenceSampler(Sampler[SequenceIndex]):
+class SequenceSampler(SeededSampler[SequenceIndex]):
     """Draws sequence episodes of ``classes`` classes x ``instances`` examples from ``num_classes``
     classes of ``examples_per_class`` examples (one number for all, or one per class).
 
@@ -89,7 +90,7 @@ class SequenceSampler(Sampler[SequenceIndex]):
     own examples; a random order of the T = classes * instances steps. With ``max_rotation`` (degrees)
     or ``max_shift`` (pixels) above 0, each image gets a uniform random rotation in +-max_rotation and
     shift in +-max_shift per axis. Episode ``i`` is drawn from a generator seeded with ``(seed, i)``;
-    ``start`` skips episodes.
+    ``start``, ``rank`` and ``world_size`` as in :class:`~metashot.data.fewshot.SeededSampler`.
     """
 
     def __init__(
@@ -104,7 +105,10 @@ class SequenceSampler(Sampler[SequenceIndex]):
         max_shift: float = 0.0,
         seed: int = 0,
         start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        super().__init__(episodes, seed, start, rank, world_size)
         if labels not in LABEL_MODES:
             raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
         if classes > num_classes:
@@ -119,7 +123,6 @@ class SequenceSampler(Sampler[SequenceIndex]):
             raise ValueError(f"at most {STRING_SYMBOLS**STRING_LENGTH} distinct string labels")
         self.classes, self.instances, self.labels = classes, instances, labels
         self.max_rotation, self.max_shift = max_rotation, max_shift
-        self.episodes, self.seed, self.start = episodes, seed, start
 
     @property
     def augment(self) -> bool:
@@ -145,13 +148,6 @@ class SequenceSampler(Sampler[SequenceIndex]):
             theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
                                  torch.stack([sin, cos, shift[:, 1]], 1)], 1)
         return SequenceIndex(indices, y, instance_counts(label, c), theta)
-
-    def __iter__(self) -> Iterator[SequenceIndex]:
-        for i in range(self.start, self.episodes):
-            yield self.episode(i)
-
-    def __len__(self) -> int:
-        return max(0, self.episodes - self.start)
 
 
 class SequenceDataset(Dataset):
@@ -194,14 +190,18 @@ def sequence_loader(
     max_shift: float = 0.0,
     seed: int = 0,
     start: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
     num_workers: int = 0,
 ) -> DataLoader:
-    """Batches (:class:`SequenceBatch`) of ``batch_size`` sequence episodes, ``episodes`` in all."""
+    """Batches (:class:`SequenceBatch`) of ``batch_size`` sequence episodes, ``episodes`` in all; process
+    ``rank`` of ``world_size`` gets its batches of ``batch_size // world_size`` (see
+    :class:`~metashot.data.fewshot.SeededSampler`)."""
     data.require(instances, "instances")
     sampler = SequenceSampler(
         data.num_classes, data.class_sizes, classes, instances, episodes, labels,
-        max_rotation, max_shift, seed, start,
+        max_rotation, max_shift, seed, start, rank, world_size,
     )
     dataset = SequenceDataset(data)
-    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, collate_fn=dataset.collate,
-                      num_workers=num_workers)
+    return DataLoader(dataset, sampler=sampler, batch_size=rank_batch(batch_size, world_size),
+                      collate_fn=dataset.collate, num_workers=num_workers)

@@ -3,10 +3,11 @@
 A task is y = A sin(x + phi) with amplitude A ~ U[0.1, 5.0] and phase phi ~ U[0, pi]; its K support and Q
 query points have x ~ U[-5, 5]. An episode is an :class:`~metashot.data.fewshot.Episode` with float
 inputs and targets: support [K, 1], support_labels [K, 1] (the y values), query [Q, 1], query_labels
-[Q, 1]; a batch adds a leading [B]. Episode ``i`` of a sampler depends only on ``(seed, part, i)``, as
-with :class:`~metashot.data.fewshot.EpisodeSampler`, so a resumed run or another process draws the same
-tasks; the parts "train", "val" and "test" draw different tasks from the same distribution. The numbers
-are counter-based hashes (splitmix64), so a whole meta-batch is drawn in a few vectorised operations.
+[Q, 1]; a batch adds a leading [B]. Episode ``i`` of a sampler depends only on ``(seed, part, i)``, and
+processes shard the stream, as in :class:`~metashot.data.fewshot.SeededSampler`, so a resumed run or
+another process draws the same tasks; the parts "train", "val" and "test" draw different tasks from the
+same distribution. The numbers are counter-based hashes (splitmix64), so a whole meta-batch is drawn in a
+few vectorised operations.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils.data import BatchSampler
 
-from metashot.data.fewshot import Episode
+from metashot.data.fewshot import Episode, SeededSampler, rank_batch
 
 AMPLITUDE = (0.1, 5.0)
 PHASE = (0.0, math.pi)
@@ -56,12 +58,11 @@ def uniforms(key: int, episodes: np.ndarray, n: int) -> np.ndarray:
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-class SinusoidSampler:
-    """Draws ``episodes`` sinusoid tasks with ``shots`` support and ``queries`` query points each.
+class SinusoidSampler(SeededSampler[Episode]):
+    """Draws sinusoid tasks with ``shots`` support and ``queries`` query points each.
 
-    Episode ``i``'s amplitude, phase and inputs are hashes of (seed, part, i). ``start`` skips the
-    first episodes (to resume); ``rank``/``world_size`` keep every ``world_size``-th episode (to
-    shard over processes).
+    Episode ``i``'s amplitude, phase and inputs are hashes of (seed, part, i); ``start``, ``rank`` and
+    ``world_size`` as in :class:`~metashot.data.fewshot.SeededSampler`.
     """
 
     def __init__(
@@ -75,13 +76,12 @@ class SinusoidSampler:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
+        super().__init__(episodes, seed, start, rank, world_size)
         if shots < 1 or queries < 0:
             raise ValueError(f"need shots >= 1 and queries >= 0, got {shots}, {queries}")
         if part not in PARTS:
             raise ValueError(f"part must be one of {PARTS}, got {part!r}")
-        self.shots, self.queries, self.episodes = shots, queries, episodes
-        self.seed, self.part, self.start = seed, part, start
-        self.rank, self.world_size = rank, world_size
+        self.shots, self.queries, self.part = shots, queries, part
         self.key = seed * len(PARTS) + PARTS.index(part)
 
     def _draw(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -110,16 +110,6 @@ class SinusoidSampler:
         e = self.episodes_at([i])
         return Episode(e.support[0], e.support_labels[0], e.query[0], e.query_labels[0])
 
-    def indices(self) -> range:
-        return range(self.start + self.rank, self.episodes, self.world_size)
-
-    def __iter__(self) -> Iterator[Episode]:
-        for i in self.indices():
-            yield self.episode(i)
-
-    def __len__(self) -> int:
-        return len(self.indices())
-
 
 def sinusoid_loader(
     shots: int,
@@ -129,9 +119,12 @@ def sinusoid_loader(
     seed: int = 0,
     part: str = "train",
     start: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[Episode]:
-    """Batches of ``meta_batch`` sinusoid episodes ([B, ...] :class:`Episode`), ``episodes`` in all."""
-    sampler = SinusoidSampler(shots, queries, episodes, seed, part, start)
-    indices = sampler.indices()
-    for i in range(0, len(indices), meta_batch):
-        yield sampler.episodes_at(list(indices[i : i + meta_batch]))
+    """Batches of ``meta_batch`` sinusoid episodes ([B, ...] :class:`Episode`), ``episodes`` in all, each
+    drawn in one vectorised call; process ``rank`` of ``world_size`` gets its batches of
+    ``meta_batch // world_size`` (see :class:`~metashot.data.fewshot.SeededSampler`)."""
+    sampler = SinusoidSampler(shots, queries, episodes, seed, part, start, rank, world_size)
+    batches = BatchSampler(sampler.indices(), rank_batch(meta_batch, world_size), drop_last=False)
+    return (sampler.episodes_at(batch) for batch in batches)

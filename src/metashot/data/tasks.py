@@ -1,8 +1,8 @@
 """Task sources: what the trainer and evaluator iterate, built from a :class:`Config`.
 
-A task source knows its data and episode shape; ``loader(part, episodes, seed, start)`` yields batches
-(an :class:`Episode` of ``meta_batch`` tasks, or another batch type a method takes). Register a new one
-in ``TASKS``.
+A task source knows its data and episode shape; ``loader(part, episodes, seed, start, rank, world_size)``
+yields batches (an :class:`Episode` of ``meta_batch`` tasks, or another batch type a method takes), each
+of ``world_size`` processes its share of every batch. Register a new one in ``TASKS``.
 """
 
 from __future__ import annotations
@@ -39,8 +39,17 @@ class TaskSource(ABC):
     def info(self) -> TaskInfo: ...
 
     @abstractmethod
-    def loader(self, part: str, episodes: int, seed: int, start: int = 0) -> Iterable[Any]:
-        """Batches of tasks from ``part`` ("train", "val" or "test"); episode ``i`` fixed by ``seed``."""
+    def loader(
+        self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1
+    ) -> Iterable[Any]:
+        """Batches of tasks from ``part`` ("train", "val" or "test"); episode ``i`` fixed by ``seed``.
+
+        ``episodes`` and ``start`` count the episodes of all processes; process ``rank`` of
+        ``world_size`` draws ``range(start + rank, episodes, world_size)`` in batches of
+        ``cfg.meta_batch // world_size``, so that the processes' step s together is the one-process
+        step s (:class:`~metashot.data.fewshot.SeededSampler`). A ValueError when ``cfg.meta_batch``
+        does not split over ``world_size``.
+        """
 
     @staticmethod
     def shape(cfg: Config) -> str:
@@ -66,7 +75,9 @@ class FewShotSource(TaskSource):
             return c.train_ways, c.train_shots, c.train_queries
         return c.ways, c.shots, c.queries
 
-    def loader(self, part: str, episodes: int, seed: int, start: int = 0) -> Iterable[Any]:
+    def loader(
+        self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1
+    ) -> Iterable[Any]:
         ways, shots, queries = self.episode_shape(part)
         return episode_loader(
             self.dataset(part),
@@ -77,6 +88,8 @@ class FewShotSource(TaskSource):
             meta_batch=self.cfg.meta_batch,
             seed=seed,
             start=start,
+            rank=rank,
+            world_size=world_size,
         )
 
 
@@ -187,12 +200,14 @@ class OmniglotSequenceSource(OmniglotSource):
             steps=self.classes * self.instances,
         )
 
-    def loader(self, part: str, episodes: int, seed: int, start: int = 0) -> Iterable[Any]:
+    def loader(
+        self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1
+    ) -> Iterable[Any]:
         train = part == "train"
         return sequence_loader(
             self.dataset(part), self.classes, self.instances, episodes, self.cfg.meta_batch,
             self.labels, self.max_rotation if train else 0.0, self.max_shift if train else 0.0,
-            seed=seed, start=start,
+            seed=seed, start=start, rank=rank, world_size=world_size,
         )
 
 
@@ -215,12 +230,14 @@ class SinusoidSource(TaskSource):
     def shape(cfg: Config) -> str:
         return f"K={cfg.train_shots} in training, K={cfg.shots} at test"
 
-    def loader(self, part: str, episodes: int, seed: int, start: int = 0) -> Iterable[Any]:
+    def loader(
+        self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1
+    ) -> Iterable[Any]:
         c = self.cfg
         train = part == "train"
         return sinusoid_loader(
             c.train_shots if train else c.shots, c.train_queries if train else c.queries,
-            episodes, c.meta_batch, seed, part, start,
+            episodes, c.meta_batch, seed, part, start, rank, world_size,
         )
 
 
