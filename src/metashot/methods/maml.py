@@ -38,12 +38,41 @@ batched, i.e. adapted per task (relative error ~1e-3 in float64; functorch#534).
 both paths give the same meta-gradient on the Conv4 with batch norm, adapted norm layers or not.
 The loop path back-propagates each task's query loss as soon as it is computed (``per_task_backward``)
 so that only one task's graph is alive at a time: peak memory does not grow with the meta-batch.
+
+Variants, each a constructor argument and a ``method_args`` key, all off by default (off, the code path
+is the plain MAML above):
+
+- MAML++ (Antoniou, Edwards & Storkey, ICLR 2019, "How to train your MAML", section 4).
+  ``msl_steps``: multi-step loss, L = sum_{i=1..S} v_i L^query(theta_i) over the S inner steps, the
+  weights v annealed from uniform toward the last step over the first ``msl_steps`` optimizer steps,
+  then the last step's loss alone (:func:`~metashot.methods.inner_loop.msl_weights`).
+  ``first_order_steps``: derivative-order annealing, first order while the optimizer step (given by
+  ``on_step``) is below it, second order from it on.
+  ``per_step_bn``: per-step batch norm, a scale and shift (BNWB) and, with ``batch_norm="inductive"``,
+  running statistics (BNRS) per inner step for every batch-norm layer of the model, substituted through
+  ``functional_call`` (:class:`~metashot.methods.inner_loop.PerStepBatchNorm`). As in the authors' code,
+  inner step k's support pass (at theta_k) and the query pass after it (at theta_{k+1}) use set k; the
+  query before adaptation uses set 0.
+  ``learned_lr="lslr"``: learned per-layer per-step learning rates, theta_{k+1} = theta_k - alpha_{l,k}
+  grad_l L^support(theta_k), one alpha per parameter tensor l and inner step k, initialised to
+  ``inner_lr`` and meta-learned.
+  The cosine annealing of the outer learning rate is the trainer's (``Config.schedule="cosine"``).
+- ANIL (Raghu, Raghu, Bengio & Vinyals, ICLR 2020, section 4): ``inner_params="head"`` adapts only the
+  last ``nn.Linear`` in the inner loop, theta_head' = theta_head - alpha grad_head L^support(theta_body,
+  theta_head); the body gets only the outer gradient. A list of parameter-name prefixes selects others.
+- Meta-SGD (Li, Zhou, Chen & Li 2017, section 3): ``learned_lr="metasgd"``, theta' = theta - alpha o
+  grad L^support(theta) with alpha a meta-learned tensor of each parameter's shape (o: elementwise),
+  initialised to ``inner_lr``.
+- Memory-efficient MAML (gradient checkpointing, Chen et al. 2016, per inner step): ``checkpoint=True``
+  keeps only each second-order inner step's input parameters and recomputes the step in the backward
+  pass, so the memory of the activations no longer grows with the inner steps; the meta-gradient
+  prod_k (I - alpha H_k) grad L^query(theta_S) is the same. It runs in the loop only.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -54,6 +83,7 @@ from torch.overrides import TorchFunctionMode
 
 from metashot.data.fewshot import Episode
 from metashot.methods.base import Method, TaskInfo
+from metashot.methods.inner_loop import PerStepBatchNorm, msl_weights, recomputed
 from metashot.nn.backbones import MLP, Conv4
 
 Params = dict[str, torch.Tensor]
@@ -101,15 +131,45 @@ class PlainBatchNorm(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def split_params(model: nn.Module, adapt_norm: bool = False) -> tuple[list[str], list[str]]:
-    """Names of the parameters the inner loop adapts, and of those it keeps (normalisation layers')."""
-    frozen = set()
-    if not adapt_norm:
-        for prefix, m in model.named_modules():
-            if isinstance(m, NORM_LAYERS):
-                frozen.update(f"{prefix}.{n}" if prefix else n for n, _ in m.named_parameters(recurse=False))
+def _under(name: str, prefix: str) -> bool:
+    return not prefix or name == prefix or name.startswith(prefix + ".")
+
+
+def split_params(
+    model: nn.Module, adapt_norm: bool = False, inner_params: str | Sequence[str] = "all"
+) -> tuple[list[str], list[str]]:
+    """Names of the parameters the inner loop adapts, and of those it keeps.
+
+    inner_params: "all" (every parameter but the normalisation layers', unless ``adapt_norm``), "head"
+    (the last ``nn.Linear``'s: ANIL) or a list of name prefixes (the parameters under them).
+    """
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    return [n for n in names if n not in frozen], [n for n in names if n in frozen]
+    if inner_params == "all":
+        frozen = set()
+        if not adapt_norm:
+            for prefix, m in model.named_modules():
+                if isinstance(m, NORM_LAYERS):
+                    own = m.named_parameters(recurse=False)
+                    frozen.update(f"{prefix}.{n}" if prefix else n for n, _ in own)
+        return [n for n in names if n not in frozen], [n for n in names if n in frozen]
+    if inner_params == "head":
+        heads = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        if not heads:
+            raise ValueError("inner_params='head' adapts the model's last nn.Linear, and it has none")
+        prefixes = heads[-1:]
+    elif isinstance(inner_params, str):
+        raise ValueError(f"inner_params must be 'all', 'head' or a list of prefixes, got {inner_params!r}")
+    else:
+        prefixes = list(inner_params)
+    adapted = [n for n in names if any(_under(n, p) for p in prefixes)]
+    if not adapted:
+        raise ValueError(f"inner_params {inner_params!r} selects none of the model's parameters")
+    return adapted, [n for n in names if n not in adapted]
+
+
+def _query_set(steps_done: int) -> int:
+    """The per-step batch-norm set of a query pass after ``steps_done`` inner steps: the last step's."""
+    return max(steps_done - 1, 0)
 
 
 class MAML(Method):
@@ -121,7 +181,12 @@ class MAML(Method):
     adapt_norm: also adapt normalisation layers' scale and shift; tasks: "loop", "vmap" or "auto"
     (the loop for conv models on CPU, else vmap); per_task_backward: in the loop, back-propagate each
     task as soon as its query loss is known (one task's graph in memory at a time; the returned loss
-    then carries gradients to the model's parameters only).
+    then carries gradients to the method's parameters only).
+
+    The variants (module docstring): inner_params: "all", "head" (ANIL) or name prefixes;
+    learned_lr: "none", "lslr" (MAML++) or "metasgd"; per_step_bn, msl_steps, first_order_steps:
+    MAML++; checkpoint: recompute second-order inner steps in the backward pass. Schedules count the
+    optimizer steps given to ``on_step``: a training loop of one's own must call it before each step.
 
     ``loss(batch)`` adapts with ``inner_steps`` and reports the query metrics after adaptation;
     ``evaluate(batch)`` adapts with ``test_inner_steps`` and reports them after every step 0..N
@@ -142,6 +207,12 @@ class MAML(Method):
         adapt_norm: bool = False,
         tasks: str = "auto",
         per_task_backward: bool = True,
+        inner_params: str | Sequence[str] = "all",
+        learned_lr: str = "none",
+        per_step_bn: bool = False,
+        msl_steps: int = 0,
+        first_order_steps: int = 0,
+        checkpoint: bool = False,
     ) -> None:
         super().__init__()
         if inner_steps < 0 or (test_inner_steps is not None and test_inner_steps < 0):
@@ -150,6 +221,17 @@ class MAML(Method):
             raise ValueError(f"batch_norm must be 'transductive' or 'inductive', got {batch_norm!r}")
         if tasks not in ("auto", "loop", "vmap"):
             raise ValueError(f"tasks must be 'auto', 'loop' or 'vmap', got {tasks!r}")
+        if learned_lr not in ("none", "lslr", "metasgd"):
+            raise ValueError(f"learned_lr must be 'none', 'lslr' or 'metasgd', got {learned_lr!r}")
+        if msl_steps < 0 or first_order_steps < 0:
+            raise ValueError("msl_steps and first_order_steps count optimizer steps: they must be >= 0")
+        if msl_steps and inner_steps < 1:
+            raise ValueError("msl_steps weighs the query loss after each inner step: needs inner_steps >= 1")
+        if checkpoint and tasks == "vmap":
+            raise ValueError(
+                "checkpoint=True recomputes each inner step in a custom autograd function, which "
+                "torch.vmap cannot batch: use tasks='loop'"
+            )
         bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if batch_norm == "transductive" and any(m.track_running_stats for m in bns):
             raise ValueError(
@@ -163,16 +245,44 @@ class MAML(Method):
                 )
             if tasks == "vmap" and bns:
                 raise ValueError("batch_norm='inductive' updates running statistics: use tasks='loop'")
+        if per_step_bn and not bns:
+            raise ValueError("per_step_bn=True needs batch-norm layers, and the model has none")
         self.model = model
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
         self.first_order = first_order
         self.batch_norm = batch_norm
-        self.tasks = "loop" if batch_norm == "inductive" and bns else tasks
+        self.tasks = "loop" if (batch_norm == "inductive" and bns) or checkpoint else tasks
         self.per_task_backward = per_task_backward
-        self.adapted, self.kept = split_params(model, adapt_norm)
+        self.adapted, self.kept = split_params(model, adapt_norm, inner_params)
         self._has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+        self.learned_lr = learned_lr
+        self.msl_steps = msl_steps
+        self.first_order_steps = first_order_steps
+        self.checkpoint = checkpoint
+        self.train_step = 0  # the optimizer step, from on_step
+        # per-step tensors (batch-norm sets, LSLR rates) for every step of training and test
+        self.step_sets = max(inner_steps, self.test_inner_steps, 1)
+        self.step_norm = PerStepBatchNorm(model, self.step_sets) if per_step_bn else None
+        replaced = self.step_norm.replaced() if self.step_norm is not None else []
+        if set(replaced) & set(self.adapted):
+            raise ValueError(
+                "per_step_bn replaces the batch-norm scales and shifts by per-step ones, which the inner "
+                "loop does not adapt: leave them out (adapt_norm=False, inner_params)"
+            )
+        self._replaced = {f"model.{n}" for n in replaced}
+        params = dict(model.named_parameters())
+        self.inner_lrs: nn.ParameterList | None = None
+        if learned_lr == "lslr":
+            self.inner_lrs = nn.ParameterList(
+                torch.full((self.step_sets,), inner_lr, dtype=params[n].dtype, device=params[n].device)
+                for n in self.adapted
+            )
+        elif learned_lr == "metasgd":
+            self.inner_lrs = nn.ParameterList(
+                torch.full_like(params[n].detach(), inner_lr) for n in self.adapted
+            )
 
     # -- the task loss and metrics: override both for another kind of task ----------------------
     def task_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -219,13 +329,67 @@ class MAML(Method):
         )
         return cls(model, 0.4 if inner_lr is None else inner_lr, **kwargs)
 
+    # -- schedules ------------------------------------------------------------------------------
+    def on_step(self, step: int) -> None:
+        self.train_step = step
+
+    def meta_parameters(self) -> list[nn.Parameter]:
+        """The parameters the meta-loss depends on: all but the model's batch-norm scales and shifts
+        when per-step ones replace them."""
+        return [p for n, p in self.named_parameters() if p.requires_grad and n not in self._replaced]
+
     # -- the functional core ------------------------------------------------------------------
     def params(self) -> Params:
         return dict(self.model.named_parameters())
 
-    def forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        """The model at ``params`` (names as in ``model.named_parameters()``): x [M, ...] -> [M, ...]."""
-        return functional_call(self.model, params, (x,))
+    def forward(self, params: Params, x: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """The model at ``params`` (names as in ``model.named_parameters()``): x [M, ...] -> [M, ...];
+        with ``per_step_bn``, batch norm uses inner step ``step``'s set."""
+        return functional_call(self.model, {**params, **self._norm(step)}, (x,))
+
+    def _norm(self, step: int) -> Params:
+        return self.step_norm.at(step) if self.step_norm is not None else {}
+
+    def _lrs(self, step: int) -> list[Any]:
+        """Inner step ``step``'s learning rate for each adapted tensor: alpha (a float), LSLR's
+        alpha_{l,step} (a scalar tensor) or Meta-SGD's alpha_l (of the parameter's shape)."""
+        if self.inner_lrs is None:
+            return [self.inner_lr] * len(self.adapted)
+        if self.learned_lr == "lslr":
+            k = min(step, self.step_sets - 1)
+            return [lr[k] for lr in self.inner_lrs]
+        return list(self.inner_lrs)
+
+    def _inner_step(
+        self, params: Params, norm: Params, lrs: list[Any], x: torch.Tensor, y: torch.Tensor,
+        create_graph: bool,
+    ) -> Params:
+        """The adapted parameters after one gradient step on the support loss (x [M, ...], y [M, ...]) at
+        ``params``, batch-norm tensors ``norm`` substituted, with step sizes ``lrs``."""
+        loss = self.task_loss(functional_call(self.model, {**params, **norm}, (x,)), y)
+        fast = [params[n] for n in self.adapted]
+        grads = torch.autograd.grad(loss, fast, create_graph=create_graph, materialize_grads=True)
+        return {n: w - lr * g for n, w, g, lr in zip(self.adapted, fast, grads, lrs)}
+
+    def _checkpointed_step(
+        self, params: Params, norm: Params, lrs: list[Any], x: torch.Tensor, y: torch.Tensor
+    ) -> Params:
+        """``_inner_step`` with a second-order graph rebuilt in the backward pass instead of kept."""
+        names = [n for n, p in params.items() if p.requires_grad]
+        keys = [k for k, t in norm.items() if t.requires_grad]
+        rates = [i for i, lr in enumerate(lrs) if isinstance(lr, torch.Tensor)]
+
+        def step(ts: list[torch.Tensor], create_graph: bool) -> list[torch.Tensor]:
+            it = iter(ts)  # the tensors below, in their order
+            p = {**params, **{n: next(it) for n in names}}
+            nm = {**norm, **{k: next(it) for k in keys}}
+            r = list(lrs)
+            for i in rates:
+                r[i] = next(it)
+            return list(self._inner_step(p, nm, r, x, y, create_graph).values())
+
+        inputs = [params[n] for n in names] + [norm[k] for k in keys] + [lrs[i] for i in rates]
+        return dict(zip(self.adapted, recomputed(step, inputs, list(self.buffers()))))
 
     def adapt(
         self, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int, create_graph: bool,
@@ -241,35 +405,36 @@ class MAML(Method):
         for step in range(steps):
             if callback is not None:
                 callback(step, params)
-            loss = self.task_loss(self.forward(params, x), y)
-            fast = [params[n] for n in self.adapted]
-            grads = torch.autograd.grad(loss, fast, create_graph=create_graph, materialize_grads=True)
-            params.update({n: w - self.inner_lr * g for n, w, g in zip(self.adapted, fast, grads)})
+            norm, lrs = self._norm(step), self._lrs(step)
+            if self.checkpoint and create_graph:
+                params.update(self._checkpointed_step(params, norm, lrs, x, y))
+            else:
+                params.update(self._inner_step(params, norm, lrs, x, y, create_graph))
         if callback is not None:
             callback(steps, params)
         return params
 
     def _vmap_adapt(
-        self, params: Params, batch: Episode, steps: int, first_order: bool, every_step: bool
+        self, params: Params, batch: Episode, steps: int, first_order: bool, record_from: int | None = None
     ) -> torch.Tensor:
-        """Query predictions of every task, batched by ``torch.vmap``: [B, Q, ...], or with
-        ``every_step`` [B, steps + 1, Q, ...] (before adaptation, after step 1, ...)."""
+        """Query predictions of every task, batched by ``torch.vmap``: after the last step [B, Q, ...],
+        or with ``record_from`` j after steps j..steps [B, steps + 1 - j, Q, ...] (0: before adaptation)."""
         kept = {n: params[n] for n in self.kept}
 
-        def support_loss(fast: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return self.task_loss(self.forward({**kept, **fast}, x), y)
+        def support_loss(fast: Params, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+            return self.task_loss(self.forward({**kept, **fast}, x, step), y)
 
         def task(fast: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
             outs = []
-            for _ in range(steps):
-                if every_step:
-                    outs.append(self.forward({**kept, **fast}, xq))
-                grads = torch.func.grad(support_loss)(fast, xs, ys)
+            for step in range(steps):
+                if record_from is not None and step >= record_from:
+                    outs.append(self.forward({**kept, **fast}, xq, _query_set(step)))
+                grads = torch.func.grad(support_loss)(fast, xs, ys, step)
                 if first_order:
                     grads = {n: g.detach() for n, g in grads.items()}
-                fast = {n: fast[n] - self.inner_lr * grads[n] for n in fast}
-            outs.append(self.forward({**kept, **fast}, xq))
-            return torch.stack(outs) if every_step else outs[0]
+                fast = {n: fast[n] - lr * grads[n] for n, lr in zip(self.adapted, self._lrs(step))}
+            outs.append(self.forward({**kept, **fast}, xq, _query_set(steps)))
+            return torch.stack(outs) if record_from is not None else outs[0]
 
         fast0 = {n: params[n] for n in self.adapted}
         with PlainBatchNorm():
@@ -284,30 +449,54 @@ class MAML(Method):
 
     # -- the Method interface -----------------------------------------------------------------
     def loss(self, batch: Episode) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Mean query loss after ``inner_steps`` inner steps, and per-task query metrics [B].
+        """Mean query loss after ``inner_steps`` inner steps (with ``msl_steps``, the weighted sum over
+        the steps), and per-task query metrics [B] after the last step.
 
         batch: support [B, S, ...], support_labels [B, S, ...], query [B, Q, ...], query_labels
         [B, Q, ...].
         """
         params = self.params()
         b = batch.support.shape[0]
+        steps = self.inner_steps
+        first_order = self.first_order or self.train_step < self.first_order_steps
+        weights = msl_weights(self.train_step, steps, self.msl_steps)
         if self._use_vmap(batch):
-            pred = self._vmap_adapt(params, batch, self.inner_steps, self.first_order, every_step=False)
-            losses = torch.vmap(self.task_loss)(pred, batch.query_labels)
+            if weights is None:
+                pred = self._vmap_adapt(params, batch, steps, first_order)
+                losses = torch.vmap(self.task_loss)(pred, batch.query_labels)
+            else:
+                preds = self._vmap_adapt(params, batch, steps, first_order, record_from=1)  # [B, steps, Q..]
+                step_loss = torch.vmap(torch.vmap(self.task_loss, in_dims=(0, None)))
+                per_step = step_loss(preds, batch.query_labels)  # [B, steps]
+                losses = per_step @ per_step.new_tensor(weights)
+                pred = preds[:, -1]
             return losses.mean(), self.task_metrics(pred.detach(), batch.query_labels)
         preds, total = [], None
         grads: list[torch.Tensor] | None = None
         grad_on = torch.is_grad_enabled()
         eager = self.per_task_backward and grad_on
-        names = [n for n, p in params.items() if p.requires_grad]
+        leaves = self.meta_parameters() if eager else []
         for i in range(b):
+            xq, yq = batch.query[i], batch.query_labels[i]
+            step_losses: list[torch.Tensor] = []
+            record = None
+            if weights is not None:
+
+                def record(step: int, p: Params, xq: torch.Tensor = xq, yq: torch.Tensor = yq,
+                           out: list[torch.Tensor] = step_losses) -> None:
+                    if 0 < step < steps:  # the last step's is the final loss below
+                        out.append(self.task_loss(self.forward(p, xq, _query_set(step)), yq))
+
             with torch.enable_grad():  # the inner loop needs gradients even under no_grad
-                fast = self.adapt(params, batch.support[i], batch.support_labels[i], self.inner_steps,
-                                  create_graph=not self.first_order and grad_on)
-            pred = self.forward(fast, batch.query[i])
-            loss = self.task_loss(pred, batch.query_labels[i]) / b
+                fast = self.adapt(params, batch.support[i], batch.support_labels[i], steps,
+                                  create_graph=not first_order and grad_on, callback=record)
+            pred = self.forward(fast, xq, _query_set(steps))
+            loss = self.task_loss(pred, yq)
+            if weights is not None:
+                loss = weights[-1] * loss + sum(w * q for w, q in zip(weights, step_losses))
+            loss = loss / b
             if eager:
-                g = torch.autograd.grad(loss, [params[n] for n in names], materialize_grads=True)
+                g = torch.autograd.grad(loss, leaves, materialize_grads=True)
                 grads = list(g) if grads is None else [a.add_(c) for a, c in zip(grads, g)]
                 loss = loss.detach()
             total = loss if total is None else total + loss
@@ -315,32 +504,36 @@ class MAML(Method):
         assert total is not None
         if eager and grads is not None:
             # value: the mean query loss; gradient to each parameter: the accumulated meta-gradient
-            surrogate = sum((params[n] * g).sum() for n, g in zip(names, grads))
+            surrogate = sum((p * g).sum() for p, g in zip(leaves, grads))
             total = total + surrogate - surrogate.detach()
         return total, self.task_metrics(torch.stack(preds), batch.query_labels)
 
-    def evaluate(self, batch: Episode) -> dict[str, torch.Tensor]:
-        """Per-task query metrics [B] before adaptation and after each of ``test_inner_steps`` steps."""
-        steps = self.test_inner_steps
+    def step_predictions(self, batch: Episode, steps: int | None = None) -> torch.Tensor:
+        """Query predictions before adaptation and after each of ``steps`` (default
+        ``test_inner_steps``) inner steps, without meta-gradients: [B, steps + 1, Q, ...]."""
+        steps = self.test_inner_steps if steps is None else steps
         params = {n: p.detach().requires_grad_(n in self.adapted) for n, p in self.params().items()}
         if self._use_vmap(batch):
             with torch.no_grad():
-                preds = self._vmap_adapt(params, batch, steps, True, every_step=True)  # [B, steps+1, Q, ..]
-        else:
-            per_task = []
-            for i in range(batch.support.shape[0]):
-                outs: list[torch.Tensor] = []
+                return self._vmap_adapt(params, batch, steps, True, record_from=0)
+        per_task = []
+        for i in range(batch.support.shape[0]):
+            outs: list[torch.Tensor] = []
 
-                def record(step: int, p: Params, xq: torch.Tensor = batch.query[i],
-                           outs: list[torch.Tensor] = outs) -> None:
-                    with torch.no_grad():
-                        outs.append(self.forward(p, xq))
+            def record(step: int, p: Params, xq: torch.Tensor = batch.query[i],
+                       outs: list[torch.Tensor] = outs) -> None:
+                with torch.no_grad():
+                    outs.append(self.forward(p, xq, _query_set(step)))
 
-                with torch.enable_grad():
-                    self.adapt(params, batch.support[i], batch.support_labels[i], steps, False, record)
-                per_task.append(torch.stack(outs))
-            preds = torch.stack(per_task)
-        per_step = [self.task_metrics(preds[:, s], batch.query_labels) for s in range(steps + 1)]
+            with torch.enable_grad():
+                self.adapt(params, batch.support[i], batch.support_labels[i], steps, False, record)
+            per_task.append(torch.stack(outs))
+        return torch.stack(per_task)
+
+    def evaluate(self, batch: Episode) -> dict[str, torch.Tensor]:
+        """Per-task query metrics [B] before adaptation and after each of ``test_inner_steps`` steps."""
+        preds = self.step_predictions(batch)
+        per_step = [self.task_metrics(preds[:, s], batch.query_labels) for s in range(preds.shape[1])]
         out = dict(per_step[-1])
         for s, metrics in enumerate(per_step):
             out[f"{self.metric}_step{s}"] = metrics[self.metric]

@@ -1,0 +1,120 @@
+"""Pieces of MAML's inner loop that its variants add (see :class:`~metashot.methods.maml.MAML`): the
+multi-step loss weights and per-step batch norm of MAML++, and an inner step recomputed in the backward
+pass (memory-efficient second-order MAML)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+# floor of a non-final step's weight, times the number of steps (the authors' code: 0.03 / S)
+MSL_FLOOR = 0.03
+
+
+def msl_weights(step: int, steps: int, msl_steps: int) -> list[float] | None:
+    """MAML++'s multi-step loss weights v_1..v_S at optimizer step ``step``, or None (the last step's
+    query loss alone) when ``msl_steps`` is 0 or has passed.
+
+    Antoniou et al. 2019, section 4, "Multi-Step Loss Optimization": L = sum_i v_i L_query(theta_i), as in
+    the authors' ``get_per_step_loss_importance_vector`` with its per-epoch decay spread over the
+    ``msl_steps`` = epochs * iterations optimizer steps. With S = ``steps``, t = ``step``, T = ``msl_steps``:
+
+        v_i = max(1/S - t / (S T), 0.03 / S)                  i < S
+        v_S = min(1/S + t (S - 1) / (S T), 1 - 0.03 (S - 1) / S)
+
+    uniform at t = 0; the weights sum to 1 (both clamps bind from t = 0.97 T on).
+    """
+    if msl_steps <= 0 or step >= msl_steps:
+        return None
+    decay = step / (steps * msl_steps)
+    rest = [max(1 / steps - decay, MSL_FLOOR / steps)] * (steps - 1)
+    last = min(1 / steps + (steps - 1) * decay, 1 - (steps - 1) * MSL_FLOOR / steps)
+    return [*rest, last]
+
+
+class PerStepBatchNorm(nn.Module):
+    """A scale and shift, and (with ``track_running_stats``) running statistics, per inner step for each
+    batch-norm layer of ``model`` (MAML++'s BNWB and BNRS), initialised from the layer's own.
+
+    ``at(k)`` maps the layers' tensor names (``"0.1.weight"``, ``"0.1.running_mean"``, ...) to row k
+    (k clamped to ``sets - 1``) of the per-step tensors, for ``functional_call``: the model is not
+    modified, its own scale and shift are just not used. Running statistics rows are views, so batch
+    norm's in-place update of them lands in this module's buffers. Parameters [sets, C], buffers
+    [sets, C] and [sets].
+    """
+
+    def __init__(self, model: nn.Module, sets: int) -> None:
+        super().__init__()
+        self.sets = sets
+        self.names: list[tuple[str, str]] = []  # (name in the model, attribute here)
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for i, (prefix, layer) in enumerate(layers):
+            for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                t = getattr(layer, key)
+                if t is None:
+                    continue
+                rows = t.detach().unsqueeze(0).repeat(sets, *[1] * t.dim())
+                if key in ("weight", "bias"):
+                    self.register_parameter(f"{key}_{i}", nn.Parameter(rows))
+                else:
+                    self.register_buffer(f"{key}_{i}", rows)
+                self.names.append((f"{prefix}.{key}" if prefix else key, f"{key}_{i}"))
+
+    def at(self, step: int) -> dict[str, torch.Tensor]:
+        k = min(step, self.sets - 1)
+        return {name: getattr(self, attr)[k] for name, attr in self.names}
+
+    def replaced(self) -> list[str]:
+        """The model's parameter names that ``at`` replaces (its batch-norm scales and shifts)."""
+        return [name for name, attr in self.names if attr.startswith(("weight_", "bias_"))]
+
+
+class _Recomputed(torch.autograd.Function):
+    """outputs = fn(inputs), keeping only the inputs; the backward recomputes fn with a graph."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        fn: Callable[[list[torch.Tensor], bool], list[torch.Tensor]],
+        buffers: list[torch.Tensor],
+        *inputs: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        ctx.fn, ctx.buffers = fn, buffers  # type: ignore[attr-defined]
+        ctx.save_for_backward(*inputs)
+        with torch.enable_grad():  # fn differentiates inside; its graph is dropped on return
+            out = fn([t.detach().requires_grad_(t.requires_grad) for t in inputs], False)
+        return tuple(o.detach() for o in out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, *grad_out: torch.Tensor) -> tuple:
+        needs = ctx.needs_input_grad[2:]  # type: ignore[attr-defined]
+        inputs = [t.detach().requires_grad_(n) for t, n in zip(ctx.saved_tensors, needs)]  # type: ignore
+        kept = [b.clone() for b in ctx.buffers]  # type: ignore[attr-defined]
+        with torch.enable_grad():
+            out = ctx.fn(inputs, True)  # type: ignore[attr-defined]
+        wrt = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wrt, grad_out, allow_unused=True))
+        # the recomputation must not count batch statistics twice; copied through .data, since batch
+        # norm's graph nodes saved views of these buffers and check their version
+        for b, k in zip(ctx.buffers, kept):  # type: ignore[attr-defined]
+            b.data.copy_(k)
+        return (None, None, *(next(grads) if t.requires_grad else None for t in inputs))
+
+
+def recomputed(
+    fn: Callable[[list[torch.Tensor], bool], list[torch.Tensor]],
+    inputs: Sequence[torch.Tensor],
+    buffers: Sequence[torch.Tensor] = (),
+) -> list[torch.Tensor]:
+    """``fn(inputs, create_graph)`` run without keeping its graph: the backward pass runs it again with
+    ``create_graph=True`` and differentiates that, so the gradient is exact (second order through an
+    inner gradient step) while only ``inputs`` stay in memory. ``buffers`` that ``fn`` updates in place
+    (batch-norm running statistics) are restored after the recomputation."""
+    return list(_Recomputed.apply(fn, list(buffers), *inputs))
+
+
+__all__ = ["PerStepBatchNorm", "msl_weights", "recomputed"]
