@@ -1,6 +1,6 @@
 """MAML's variants, each against its defining change: MAML++ (multi-step loss, derivative-order annealing,
 per-step batch norm, learned per-layer per-step rates), ANIL, Meta-SGD and the checkpointed inner loop;
-and their state in checkpoints."""
+their state in checkpoints, and the presets that use them."""
 
 from __future__ import annotations
 
@@ -11,12 +11,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metashot import presets
 from metashot.data.fewshot import Episode
+from metashot.methods import METHODS
 from metashot.methods.base import TaskInfo
 from metashot.methods.inner_loop import msl_weights
 from metashot.methods.maml import MAML, MAMLRegression
 from metashot.nn.backbones import Conv4
 from tests.methods.test_maml import _images, _one_thread  # noqa: F401 (a fixture)
+
+NEW_PRESETS = [
+    *(f"mamlpp-omniglot-{w}w{k}s" for w in (5, 20) for k in (1, 5)),
+    "anil-omniglot-5w1s", "anil-omniglot-20w1s", "metasgd-omniglot-5w1s", "metasgd-omniglot-20w1s",
+]
 
 
 def _net(ways: int = 3, hidden: int = 6, inductive: bool = False) -> nn.Module:
@@ -360,7 +367,7 @@ def test_checkpointed_inner_loop_memory_does_not_grow_with_activations() -> None
     assert ckpt_one < plain_one
 
 
-# -- state ----------------------------------------------------------------------------------------------
+# -- state, presets ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("learned_lr", ["lslr", "metasgd"])
 def test_learned_rates_and_per_step_norm_round_trip_through_the_state_dict(learned_lr: str) -> None:
     torch.manual_seed(0)
@@ -386,3 +393,28 @@ def test_learned_rates_and_per_step_norm_round_trip_through_the_state_dict(learn
     fresh.eval()
     batch = _images(2, 5, 1, 2, seed=1)
     torch.testing.assert_close(fresh.step_predictions(batch), method.step_predictions(batch))
+
+
+def test_new_presets_describe_the_papers_recipes() -> None:
+    for w in (5, 20):
+        for k in (1, 5):
+            cfg = presets.get(f"mamlpp-omniglot-{w}w{k}s")
+            a = cfg.method_args
+            assert cfg.schedule == "cosine" and cfg.lr == 1e-3 and cfg.meta_batch == 8
+            assert a["inner_steps"] == a["test_inner_steps"] == 5 and a["inner_lr"] == 0.1
+            assert a["learned_lr"] == "lslr" and a["per_step_bn"] and a["msl_steps"] == 10 * 500
+            assert a["first_order_steps"] == 50 * 500 and (cfg.ways, cfg.shots) == (w, k)
+    assert presets.get("anil-omniglot-5w1s").method_args["inner_params"] == "head"
+    assert presets.get("metasgd-omniglot-5w1s").method_args["learned_lr"] == "metasgd"
+
+
+@pytest.mark.parametrize("name", NEW_PRESETS)
+def test_new_presets_build_and_take_a_step(name: str) -> None:
+    torch.manual_seed(0)
+    cfg = presets.get(name)
+    method = METHODS[cfg.method].build(TaskInfo((1, 28, 28), 5, 5), **cfg.method_args)
+    method.on_step(0)
+    loss, metrics = method.loss(_images(2, 5, 1, 1))
+    loss.backward()
+    assert torch.isfinite(loss) and metrics["acc"].shape == (2,)
+    assert all(p.grad is not None for p in method.meta_parameters())
