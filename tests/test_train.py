@@ -53,7 +53,7 @@ def test_resume_continues_exactly(omniglot_dir: Path, tmp_path: Path) -> None:
     first = Trainer(_cfg(omniglot_dir, steps=20), tmp_path / "split", progress=False)
     first.fit()
     with pytest.raises(RunFolderError, match="already holds a run; pass --resume"):
-        Trainer(_cfg(omniglot_dir), tmp_path / "split")
+        Trainer(_cfg(omniglot_dir), tmp_path / "split").fit()
     second = Trainer(_cfg(omniglot_dir), tmp_path / "split", resume=True, progress=False)
     second.fit()
     assert second.step == 40
@@ -86,8 +86,9 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setitem(METHODS, "diverges", _Diverges)
     cfg = Config(method="diverges", task="sinusoid", ways=1, shots=5, queries=5, steps=40, val_every=20)
     trainer = Trainer(cfg, tmp_path, progress=False)
-    msg = (r"training diverged by step 20 of diverges: the training loss is nan; lower --lr \(now 0.001\) "
-           r"or check the data; no checkpoint was saved before it")
+    msg = (r"training diverged by step 20 of diverges: the training loss is nan and 1 weight tensor\(s\) "
+           r"hold NaN or inf \(w\); lower --lr \(now 0.001\) or check the data; "
+           r"no checkpoint was saved before it")
     with pytest.raises(NonFiniteError, match=msg):
         trainer.fit()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -28,6 +29,12 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         help="meta-train a method, then test it",
         description="Meta-train METHOD with a preset's recipe (options override it), then print "
         "the test accuracy with its 95% CI. Options left out take the preset's value.",
+        epilog="Distributed: `torchrun --nproc-per-node=N -m metashot train METHOD ...` trains on N "
+        "processes (gloo on CPU, nccl on CUDA, each rank on its local GPU); across machines add torchrun's "
+        "--nnodes=M --node-rank=I --master-addr=HOST --master-port=PORT, or --rdzv-backend=c10d "
+        "--rdzv-endpoint=HOST:PORT. --meta-batch stays the global number of episodes per step and must "
+        "divide by the number of processes; the result is the single process's. With torchrun "
+        "--max-restarts=K a failed group resumes from last.pt on its own.",
     )
     p.add_argument("method", choices=sorted(METHODS), help="the method to train")
     p.add_argument("--preset", help="a named recipe (see `metashot presets`); default: the method's "
@@ -218,16 +225,22 @@ def _run(args: argparse.Namespace) -> int:
         print(args.out)
         return 0
 
-    from metashot.runs import evaluate_run
+    from metashot.runs import RunFolder, evaluate_run
     from metashot.train import Trainer
 
     if args.command == "train":
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and args.run_dir is not None:
+            # torchrun restarted the group after a failure: continue the run from its last checkpoint
+            args.resume = RunFolder(args.run_dir).exists()
         cfg = config_from_args(args)
         trainer = Trainer(cfg, _run_dir(args, cfg), resume=args.resume, progress=not args.no_progress)
         trainer.fit()
         if not trainer.finished:
             return 128 + (trainer.stopped_by or 0)
         result = trainer.test()
+        trainer.world.close()
+        if not trainer.world.writer:
+            return 0
     else:
         _positive(args, "test_episodes", "ways", "shots")
         result = evaluate_run(args.run_dir, args.test_episodes, args.checkpoint, args.device,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -59,9 +59,17 @@ class Result:
 
 
 def evaluate(
-    method: Method, batches: Iterable[Any], device: torch.device | str = "cpu", progress: bool = False
+    method: Method,
+    batches: Iterable[Any],
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Result:
-    """Run ``method.evaluate`` over every batch and aggregate each per-episode metric."""
+    """Run ``method.evaluate`` over every batch and aggregate each per-episode metric.
+
+    ``gather`` turns this process's per-episode values into every process's, in episode order, when the
+    episodes are sharded over processes (:meth:`metashot.distributed.World.gather_episodes`).
+    """
     from tqdm.auto import tqdm
 
     was_training = method.training
@@ -75,5 +83,6 @@ def evaluate(
         method.train(was_training)
     if not values:
         raise ValueError("evaluation got no episodes")
-    stats = {k: mean_ci(torch.cat(v)) for k, v in values.items()}
-    return Result(type(method).metric, len(torch.cat(values[type(method).metric])), stats)
+    every = {k: torch.cat(v) if gather is None else gather(torch.cat(v)) for k, v in values.items()}
+    stats = {k: mean_ci(v) for k, v in every.items()}
+    return Result(type(method).metric, len(every[type(method).metric]), stats)

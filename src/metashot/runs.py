@@ -96,8 +96,10 @@ class RunFolder:
     def open(self, cfg: Config, resume: bool) -> bool:
         """Take the folder for training: lock it, clear leftover temporaries, save ``cfg`` when new.
 
-        Returns whether there is a checkpoint to resume from.
+        Returns whether there is a checkpoint to resume from. The other ranks only look.
         """
+        if not self.writer:
+            return resume and self.last.exists()
         if self.path.exists() and not self.path.is_dir():
             raise RunFolderError(f"{self.path}: is a file, not a run folder; choose another --run-dir")
         if resume and not self.exists():

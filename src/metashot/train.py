@@ -1,6 +1,9 @@
-"""One trainer for every method: the optimizer, the schedule, validation, checkpoints, resume, signals.
+"""One trainer for every method, in one process or many: the optimizer, the schedule, validation,
+checkpoints, resume, signals.
 
-The run folder's files and their guarantees live in :mod:`metashot.runs`; this module is the loop.
+The run folder's files and their guarantees live in :mod:`metashot.runs`, the exchanges between
+processes in :mod:`metashot.distributed`; this module is the loop. Under ``torchrun`` every rank runs it
+on its share of each meta-batch; the method never knows.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from tqdm.auto import tqdm
 
 from metashot.config import Config
 from metashot.data.tasks import PARTS, TaskSource, build_source
+from metashot.distributed import RunningStats, World
 from metashot.errors import ConfigError, NonFiniteError
 from metashot.evaluate import Result, evaluate
 from metashot.methods import build_method
@@ -93,9 +97,9 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
         source: TaskSource | None = None,
+        world: World | None = None,
     ) -> None:
         self.folder = RunFolder(run_dir)
-        self.progress = progress
         if resume:
             saved = self.folder.load_config()
             cfg = saved if cfg is None else resume_config(saved, {k: getattr(cfg, k) for k in cfg.to_dict()})
@@ -103,28 +107,62 @@ class Trainer:
             raise ConfigError("a new run needs a config")
         self.cfg = cfg.validate()
         self.resume = resume
-        self.device = check_device(cfg.device)
+        check_device(cfg.device)
+        self.world = world or World.from_env(cfg.device)
+        if cfg.meta_batch % self.world.size:
+            raise ConfigError(
+                f"--meta-batch {cfg.meta_batch} does not split evenly over {self.world.size} processes: pass "
+                f"a multiple of {self.world.size} (it is the global number of episodes per optimizer step; "
+                f"ProtoNet's and Matching Networks' presets train one episode per step, so pass "
+                f"--meta-batch {self.world.size} to train one per process)"
+            )
+        for name in ("val_episodes", "test_episodes"):
+            if getattr(cfg, name) < self.world.size:
+                raise ConfigError(f"{name} {getattr(cfg, name)} is fewer than the {self.world.size} "
+                                  "processes: every process needs an episode")
+        self.folder.writer = self.world.writer
+        self.progress = progress and self.world.writer
+        self.device = self.world.device(cfg.device)
         torch.manual_seed(cfg.seed)
-        try:  # the task and its episode shapes against the data, before any training
-            self.source = source or build_source(cfg)
-            for part in PARTS:
-                try:
-                    self.source.loader(part, 1, seed=cfg.seed)
-                except ValueError as e:
-                    raise ConfigError(f"{cfg.task}, {part} classes: {e}") from None
-        except ValueError as e:
-            raise ConfigError(f"{cfg.task}: {e}") from None
+        self.source = source or self.world.first(lambda: self._source(cfg))
         self.method = build_method(cfg.method, self.source.info, cfg.method_args).to(self.device)
+        self.running_stats = RunningStats(self.method, self.world)
         self.optimizer = torch.optim.Adam(self.method.parameters(), lr=cfg.lr)
         self.scheduler = make_scheduler(cfg, self.optimizer)
         self.step = 0
         self.elapsed = 0.0
+        self.out_of_time = False
         self.best: float | None = None
+        self.best_weights: dict[str, torch.Tensor] | None = None
         self.rows: list[dict[str, Any]] = []
         self.sums = torch.zeros(2, device=self.device)  # training loss and metric since the last row
         self.since = 0
         self.stopped_by: int | None = None  # the signal that stopped training early
+        self._pending_signal: int | None = None
         self._in_step = False
+
+    @staticmethod
+    def _source(cfg: Config) -> TaskSource:
+        """The task source, its episode shapes checked against the data before any training."""
+        try:
+            source = build_source(cfg)
+            for part in PARTS:
+                try:
+                    source.loader(part, cfg.meta_batch, seed=cfg.seed)
+                except ValueError as e:
+                    raise ConfigError(f"{cfg.task}, {part} classes: {e}") from None
+        except ValueError as e:
+            raise ConfigError(f"{cfg.task}: {e}") from None
+        return source
+
+    def _loader(self, part: str, episodes: int, start: int = 0) -> Any:
+        """This rank's share of ``part``'s episodes ``start`` to ``episodes``, in batches."""
+        return self.source.loader(part, episodes, seed=self.cfg.seed, start=start, rank=self.world.rank,
+                                  world_size=self.world.size)
+
+    def _evaluate(self, part: str, episodes: int) -> Result:
+        return evaluate(self.method, self._loader(part, episodes), self.device,
+                        self.progress and part == "test", gather=self.world.gather_episodes)
 
     @property
     def run_dir(self) -> Path:
@@ -133,8 +171,11 @@ class Trainer:
     @property
     def finished(self) -> bool:
         """Trained to ``cfg.steps``, or to ``cfg.max_minutes`` of training."""
+        return self.step >= self.cfg.steps or self.out_of_time
+
+    def _time_is_up(self) -> bool:
         c = self.cfg
-        return self.step >= c.steps or (c.max_minutes is not None and self.elapsed >= 60 * c.max_minutes)
+        return c.max_minutes is not None and self.elapsed >= 60 * c.max_minutes
 
     # -- state ---------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -159,34 +200,36 @@ class Trainer:
         self.step, self.elapsed, self.best = state["step"], state["elapsed"], state["best"]
         self.rows, self.since = state["rows"], state["since"]
         self.sums = state["sums"].to(self.device)
+        self.out_of_time = self._time_is_up()
+        if self.best is not None:
+            self.best_weights = self.folder.weights("best.pt", "cpu")
 
     # -- signals -------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.stopped_by is not None or not self._in_step:
+        if self._pending_signal is not None or not self._in_step:
             raise Interrupted(signum)  # a second signal, or one during evaluation: stop now
-        self.stopped_by = signum
+        self._pending_signal = signum  # acted on, by every rank alike, at the end of the step
 
     def _handle_signals(self) -> dict[int, Any]:
         return {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     # -- training ------------------------------------------------------------------------------
     def validate(self) -> Result:
-        c = self.cfg
-        return evaluate(self.method, self.source.loader("val", c.val_episodes, seed=c.seed), self.device)
+        return self._evaluate("val", self.cfg.val_episodes)
 
     def fit(self) -> Method:
         """Train to ``cfg.steps`` steps (or ``cfg.max_minutes``), validating and checkpointing every
         ``cfg.val_every``. SIGINT or SIGTERM saves ``last.pt`` at once and stops; ``--resume`` goes on."""
         c = self.cfg
-        if self.folder.open(c, self.resume):
+        has_checkpoint = self.world.first(lambda: self.folder.open(c, self.resume))
+        if has_checkpoint:
             self._restore(self.folder.load_last(self.device))
-        elif self.resume:
+        elif self.resume and self.world.writer:
             print(f"metashot: {self.run_dir} has no checkpoint yet; starting its training from step 0",
                   file=sys.stderr)
         keep_freed_memory()
         previous = self._handle_signals()
-        loader = self.source.loader("train", c.steps * c.meta_batch, seed=c.seed,
-                                    start=self.step * c.meta_batch)
+        loader = self._loader("train", c.steps * c.meta_batch, start=self.step * c.meta_batch)
         bar = tqdm(total=c.steps, initial=self.step, desc=f"train {c.method}", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
         t0 = time.perf_counter() - self.elapsed
@@ -205,12 +248,18 @@ class Trainer:
                 loss, metrics = self.method.loss(batch.to(self.device))
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                self.elapsed = time.perf_counter() - t0
+                signalled, out_of_time = self.world.sync_step(
+                    self.method.parameters(), [float(self._pending_signal or 0), float(self._time_is_up())])
                 self.optimizer.step()
                 self.scheduler.step()
+                self.running_stats.fold(batch)
                 self.step += 1
                 self.since += 1
                 self.sums += torch.stack([loss.detach(), metrics[type(self.method).metric].detach().mean()])
-                self.elapsed = time.perf_counter() - t0
+                if signalled:  # this rank's signal, else another's
+                    self.stopped_by = self._pending_signal or signal.SIGTERM
+                self.out_of_time = out_of_time > 0
                 bar.update()
                 due = self._due()
                 if self.since % CHECK_EVERY == 0 or due or self.stopped_by is not None:
@@ -223,7 +272,7 @@ class Trainer:
                 if self.stopped_by is not None or self.finished:
                     break
         except Interrupted as e:
-            self.stopped_by = e.signum
+            self.stopped_by = self._pending_signal = e.signum
             self._checkpoint(validate=False)
         finally:
             self._in_step = False
@@ -231,7 +280,7 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.folder.close()
-        if self.stopped_by is not None:
+        if self.stopped_by is not None and self.world.writer:
             print(f"metashot: stopped by {signal.Signals(self.stopped_by).name} at step {self.step}; "
                   f"last.pt is saved, --resume continues", file=sys.stderr)
         return self.method
@@ -242,7 +291,7 @@ class Trainer:
 
     def _check_finite(self, bar: tqdm) -> None:
         """One host sync: the training loss and every parameter and buffer must be finite."""
-        loss_avg, metric_avg = (self.sums / max(self.since, 1)).tolist()
+        loss_avg, metric_avg = self.world.mean(self.sums / max(self.since, 1)).tolist()
         tensors = {k: v for k, v in self.method.state_dict().items() if v.is_floating_point()}
         finite = torch.stack([v.isfinite().all() for v in tensors.values()] or [torch.tensor(True)])
         if math.isfinite(loss_avg) and bool(finite.all()):
@@ -250,8 +299,8 @@ class Trainer:
             return
         bad = [k for k, v in tensors.items() if not v.isfinite().all()]
         names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
-        what = f"{len(bad)} weight tensor(s) hold NaN or inf ({names})" if bad else (
-            f"the training loss is {loss_avg}")
+        what = " and ".join(([] if math.isfinite(loss_avg) else [f"the training loss is {loss_avg}"])
+                            + ([f"{len(bad)} weight tensor(s) hold NaN or inf ({names})"] if bad else []))
         last = (f"the last good checkpoint is {self.folder.last} (step {self.rows[-1]['step']})"
                 if self.rows and self.folder.last.exists() else "no checkpoint was saved before it")
         raise NonFiniteError(
@@ -267,7 +316,7 @@ class Trainer:
             val = self.validate()
             self._in_step = True
             self.method.train()
-            avg = (self.sums / max(self.since, 1)).tolist()
+            avg = self.world.mean(self.sums / max(self.since, 1)).tolist()
             self.rows = [*self.rows, {
                 "step": self.step,
                 "episodes": self.step * self.cfg.meta_batch,
@@ -283,19 +332,20 @@ class Trainer:
             maximize = type(self.method).maximize
             if self.best is None or (val.mean > self.best if maximize else val.mean < self.best):
                 self.best = val.mean
-                best = {"step": self.step, "val": val.mean, "method": self.method.state_dict()}
+                self.best_weights = {k: v.detach().to("cpu", copy=True)
+                                     for k, v in self.method.state_dict().items()}
+                best = {"step": self.step, "val": val.mean, "method": self.best_weights}
         self.folder.save(self._state(), best)
 
     # -- testing -------------------------------------------------------------------------------
     def test(self, episodes: int | None = None) -> Result:
         """Evaluate the best weights (else the last) of the method this trainer holds on the test part,
         over ``episodes`` (default ``cfg.test_episodes``); writes ``result.json``."""
-        c = self.cfg
-        self.method.load_state_dict(self.folder.weights("best.pt", self.device))
+        if self.best_weights is not None:
+            self.method.load_state_dict(self.best_weights)
         previous = self._handle_signals()
         try:
-            loader = self.source.loader("test", episodes or c.test_episodes, seed=c.seed)
-            result = evaluate(self.method, loader, self.device, self.progress)
+            result = self._evaluate("test", episodes or self.cfg.test_episodes)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)

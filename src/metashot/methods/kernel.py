@@ -48,12 +48,16 @@ class MetricMethod(Method):
         self.kernel = kernel
 
     def embed(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
-        """Support [B, S, D] and query [B, Q, D] embeddings from one encoder call."""
-        b, s = episode.support.shape[:2]
-        x = torch.cat([episode.support, episode.query], dim=1).flatten(0, 1)
-        if x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        z = self.encoder(x).reshape(b, x.shape[0] // b, -1)
+        """Support [B, S, D] and query [B, Q, D] embeddings, one encoder call per episode, so that batch
+        norm's statistics are each episode's own whatever the batch (and however it is split over
+        processes)."""
+        s = episode.support.shape[1]
+        z = []
+        for x in torch.cat([episode.support, episode.query], dim=1):
+            if x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            z.append(self.encoder(x).flatten(1))
+        z = torch.stack(z)
         return z[:, :s], z[:, s:]
 
     def log_probs(self, episode: Episode) -> torch.Tensor:
