@@ -3,9 +3,10 @@
 Trains a short MAML sinusoid run once without interruption, then ``--kills`` times starts the same run
 in a fresh folder, kills it with SIGKILL after a random delay (before the first checkpoint, during
 training, during a checkpoint write), resumes it (resuming again if the resume is killed too) until it
-finishes, and compares the final ``last.pt`` (step, weights, optimizer state, RNG state, metrics rows)
-and ``metrics.csv`` with the uninterrupted run's, bit for bit but for the wall-clock minutes column.
-One JSON line per kill, then a summary line.
+finishes (every 4th kill waits for the temporary file of one of the run's files to appear, so it
+lands during that write), and compares the final ``last.pt`` (step, weights, optimizer state, RNG
+state, metrics rows) and ``metrics.csv`` with the uninterrupted run's, bit for bit but for the
+wall-clock minutes column. One JSON line per kill, then a summary line.
 
     python benchmarks/kill_resume.py --kills 20
 """
@@ -29,6 +30,7 @@ from metashot.runs import load_checkpoint
 
 ARGS = ["train", "maml", "--task", "sinusoid", "--no-progress", "--max-episodes", "60", "--val-every", "10",
         "--test-episodes", "20", "--set", "val_episodes=20", "--set", "meta_batch=10"]
+WRITES = ("best.pt", "last.pt", "metrics.csv", "config.json", "result.json")
 
 
 def metashot(run: Path, *extra: str) -> subprocess.Popen:
@@ -72,7 +74,14 @@ def main() -> None:
         run = root / f"run{k}"
         delay = rng.uniform(0.3, whole)
         proc = metashot(run)
-        time.sleep(delay)
+        if k % 4 == 3:  # every 4th kill lands in a write: as soon as that file's temporary appears
+            target = WRITES[k // 4 % len(WRITES)]
+            deadline = time.perf_counter() + whole
+            while not list(run.glob(f".{target}.*.tmp")) and time.perf_counter() < deadline:
+                time.sleep(0.0005)
+            delay = time.perf_counter() - (deadline - whole)
+        else:
+            time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         before_first = not (run / "last.pt").exists()
