@@ -191,3 +191,20 @@ def test_a_meta_batch_that_does_not_split_is_refused_before_training(tmp_path: P
                        r"step, so pass --meta-batch 2"):
         Trainer(cfg, tmp_path / "run", world=World(0, 2))
     assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_to_torchrun_checkpoints_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    args = [*SINE, "--max-episodes", "400", "--set", 'method_args={"hidden": 64}', "--run-dir", str(tmp_path)]
+    agent = _torchrun(2, args, wait=False)
+    deadline = time.time() + 120
+    while not (tmp_path / "last.pt").exists():
+        assert agent.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    agent.send_signal(signal.SIGTERM)
+    out, _ = agent.communicate(timeout=60)
+    assert agent.returncode != 0
+    step = load_checkpoint(tmp_path / "last.pt")["step"]
+    assert f"metashot: stopped by SIGTERM at step {step}; last.pt is saved, --resume continues" in out, out
+    assert 20 <= step < 400
+    _torchrun(2, [*args, "--resume"])
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 400

@@ -127,6 +127,14 @@ class World:
         dist.all_reduce(values)
         return values / self.size
 
+    def all_gather(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """``values`` (the same shape on every rank) of every rank, in rank order."""
+        if self.size == 1:
+            return [values]
+        out = [torch.empty_like(values) for _ in range(self.size)]
+        dist.all_gather(out, values.contiguous())
+        return out
+
     def gather_episodes(self, values: torch.Tensor) -> torch.Tensor:
         """Per-episode values [n_r] of this rank's episodes r, r + W, r + 2W, ... -> all of them [N]
         in episode order, on every rank."""
@@ -165,8 +173,9 @@ class RunningStats:
         if module not in self.before:
             self.before[module] = (module.running_mean.clone(), module.running_var.clone(),
                                    module.num_batches_tracked.clone())
-        x = inputs[0].detach().transpose(0, 1).flatten(1).float()  # [C, elements]
-        self.calls[module].append(torch.stack([x.mean(1), x.var(1)]))
+        x = inputs[0].detach()
+        var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())])  # over all but the channels
+        self.calls[module].append(torch.stack([mean, var]).float())
 
     def fold(self, batch: Any) -> None:
         """Replace the running statistics by the fold over every rank's share of the step's ``batch``."""
@@ -174,15 +183,16 @@ class RunningStats:
             return
         # the episodes of this rank's batch: the leading dimension of its tensors
         episodes = next(v for v in vars(batch).values() if isinstance(v, torch.Tensor)).shape[0]
-        for m in self.norms:
-            calls = self.calls[m]
-            if not calls:
-                continue
-            local = torch.stack(calls)  # [calls, 2, C]: calls of episode k come k-th in order
-            # [episodes * W, calls per episode, 2, C]
-            every = self.world.gather_episodes(local.unflatten(0, (episodes, -1)))
+        norms = [m for m in self.norms if self.calls[m]]
+        local = [torch.stack(self.calls[m]) for m in norms]  # [calls, 2, C]: episode k's calls k-th
+        ranks = self.world.all_gather(torch.cat([t.flatten() for t in local]))
+        for i, m in enumerate(norms):
+            offset = sum(t.numel() for t in local[:i])
+            # [W, episodes, calls per episode, 2, C] -> the single process's order of episodes
+            every = torch.stack([r[offset:offset + local[i].numel()].view_as(local[i]) for r in ranks])
+            every = every.unflatten(1, (episodes, -1)).transpose(0, 1).flatten(0, 2)
             mean, var, tracked = self.before[m]
-            for stats in every.flatten(0, 1).to(mean.device):
+            for stats in every.to(mean.device):
                 tracked = tracked + 1
                 momentum = 1.0 / float(tracked) if m.momentum is None else m.momentum
                 mean = (1 - momentum) * mean + momentum * stats[0]
@@ -191,5 +201,5 @@ class RunningStats:
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
                 m.num_batches_tracked.copy_(tracked)
-            calls.clear()
+            self.calls[m].clear()
         self.before.clear()
