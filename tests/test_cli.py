@@ -151,7 +151,7 @@ def test_resume_keeps_the_runs_recipe(run: Path, capsys: pytest.CaptureFixture) 
     capsys.readouterr()
     assert Config.load(run / "config.json").steps == 4
     err = _error([*SINE, "--resume", "--run-dir", str(run), "--lr", "0.1"], capsys)
-    assert "--resume continues the run as configured; it cannot change lr" in err
+    assert "--resume continues the run as configured; it cannot change --lr (only --max-episodes" in err
     assert cli.main([*SINE, "--resume", "--run-dir", str(run), "--max-episodes", "6", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["episodes"] == 5
 

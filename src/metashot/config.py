@@ -76,11 +76,11 @@ class Config:
         }
         for name, low in at_least.items():
             if getattr(self, name) < low:
-                raise ConfigError(f"{_option(name)} must be at least {low}, got {getattr(self, name)}")
+                raise ConfigError(f"{option_name(name)} must be at least {low}, got {getattr(self, name)}")
         for name in ("lr", "lr_gamma"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{_option(name)} must be a positive finite number, got {value}")
+                raise ConfigError(f"{option_name(name)} must be a positive finite number, got {value}")
         if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
             raise ConfigError(f"--max-minutes must be a positive number of minutes, got {self.max_minutes}")
         if self.schedule not in SCHEDULES:
@@ -122,7 +122,7 @@ class Config:
         return cls.from_dict(data, str(path))
 
 
-def _option(name: str) -> str:
+def option_name(name: str) -> str:
     """The command-line spelling of a config field, for messages."""
     return {"steps": "--max-episodes"}.get(name, "--" + name.replace("_", "-"))
 

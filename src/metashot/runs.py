@@ -21,7 +21,7 @@ from typing import IO, Any
 
 import torch
 
-from metashot.config import Config
+from metashot.config import Config, option_name
 from metashot.errors import CheckpointError, ConfigError, RunFolderError
 from metashot.evaluate import Result
 from metashot.io import atomic_write, atomic_write_text
@@ -56,11 +56,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def resume_config(saved: Config, changes: dict[str, Any]) -> Config:
     """``saved`` with ``changes`` applied, refusing any change a resume cannot make."""
-    fixed = sorted(k for k, v in changes.items() if k not in RESUMABLE and getattr(saved, k) != v)
+    fixed = sorted(option_name(k) for k, v in changes.items()
+                   if k not in RESUMABLE and getattr(saved, k) != v)
     if fixed:
         raise ConfigError(
             f"--resume continues the run as configured; it cannot change {', '.join(fixed)} "
-            f"(only {', '.join(RESUMABLE)}); start a new --run-dir for another recipe"
+            f"(only {', '.join(option_name(k) for k in RESUMABLE)}); start a new --run-dir for another recipe"
         )
     return saved.replace(**changes).validate()
 

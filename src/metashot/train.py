@@ -151,6 +151,8 @@ class Trainer:
                     source.loader(part, cfg.meta_batch, seed=cfg.seed)
                 except ValueError as e:
                     raise ConfigError(f"{cfg.task}, {part} classes: {e}") from None
+        except ConfigError:
+            raise
         except ValueError as e:
             raise ConfigError(f"{cfg.task}: {e}") from None
         return source
