@@ -209,7 +209,8 @@ class Trainer:
     # -- signals -------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self._pending_signal is not None or not self._in_step:
-            raise Interrupted(signum)  # a second signal, or one during evaluation: stop now
+            # during evaluation: stop now; a second signal mid-step: stop now, keeping the last save
+            raise Interrupted(signum)
         self._pending_signal = signum  # acted on, by every rank alike, at the end of the step
 
     def _handle_signals(self) -> dict[int, Any]:
@@ -275,7 +276,8 @@ class Trainer:
                     break
         except Interrupted as e:
             self.stopped_by = self._pending_signal = e.signum
-            self._checkpoint(validate=False)
+            if not self._in_step:  # cut short a validation: the step's state is whole, save it
+                self._checkpoint(validate=False)
         finally:
             self._in_step = False
             bar.close()
