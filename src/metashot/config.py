@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from metashot.errors import ConfigError
 
 # Fields added after runs were first saved, with the value that reproduces the older behaviour, so that
@@ -158,3 +160,20 @@ def check_types(data: dict[str, Any], source: str) -> None:
             raise ConfigError(
                 f"{source}: {name} must be {type_name(hints[name])}, got {json.dumps(value)}"
             )
+
+
+def check_device(name: str) -> torch.device:
+    """``name`` as a device this machine has, else :class:`ConfigError`."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r} is not a device; expected cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ConfigError(f"--device {name}: this machine has {count} CUDA device(s); use --device cpu")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name}: unsupported device type; expected cpu, cuda, cuda:N or mps")
+    return device

@@ -50,17 +50,14 @@ def plot_sinusoid(
     import torch
 
     from metashot.data.sinusoid import X_RANGE, SinusoidSampler
-    from metashot.data.tasks import build_source
     from metashot.errors import ConfigError
-    from metashot.methods import build_method
     from metashot.runs import RunFolder
 
     folder = RunFolder(run_dir)
     cfg = folder.load_config()
     if cfg.task != "sinusoid" or cfg.method != "maml":
         raise ConfigError(f"{run_dir} is a {cfg.method} run on {cfg.task}, not maml on sinusoid")
-    method = build_method(cfg.method, build_source(cfg).info, cfg.method_args)
-    method.load_state_dict(folder.weights(checkpoint))
+    _, method = folder.method(cfg, checkpoint)
     method.eval()
     sampler = SinusoidSampler(shots or cfg.shots, 0, episode + 1, cfg.seed, "test")
     task, ep = sampler.task(episode), sampler.episode(episode)

@@ -17,14 +17,18 @@ import fcntl
 import io
 import os
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
-from metashot.config import Config, option_name
+from metashot.config import Config, check_device, option_name
 from metashot.errors import CheckpointError, ConfigError, RunFolderError
 from metashot.evaluate import Result
 from metashot.io import atomic_write, atomic_write_text
+
+if TYPE_CHECKING:
+    from metashot.data.tasks import TaskSource
+    from metashot.methods.base import Method
 
 CSV_FIELDS = ["step", "episodes", "minutes", "lr", "train_loss", "train_metric", "val_metric", "val_ci95"]
 # What a resume may change; anything else would make the run a different experiment.
@@ -176,6 +180,18 @@ class RunFolder:
             path = self.last
         return load_checkpoint(path, map_location)["method"]
 
+    def method(self, cfg: Config, checkpoint: str = "best.pt") -> tuple[TaskSource, Method]:
+        """The task source of ``cfg`` (checked against the data) and the method on ``cfg.device`` with the
+        weights of ``checkpoint`` (else ``last.pt``)."""
+        from metashot.data.tasks import checked_source
+        from metashot.methods import build_method
+
+        check_device(cfg.device)
+        source = checked_source(cfg)
+        method = build_method(cfg.method, source.info, cfg.method_args).to(cfg.device)
+        method.load_state_dict(self.weights(checkpoint, cfg.device))
+        return source, method
+
     def write_result(self, result: Result, name: str = "result.json") -> None:
         if self.writer:
             atomic_write_text(self.path / name, result.to_json() + "\n")
@@ -194,9 +210,7 @@ def evaluate_run(
 
     Writes ``result.json``, or ``result-{ways}w{shots}s.json`` for another episode shape.
     """
-    from metashot.data.tasks import build_source
     from metashot.evaluate import evaluate
-    from metashot.methods import build_method
 
     folder = RunFolder(run_dir)
     cfg = folder.load_config()
@@ -204,10 +218,7 @@ def evaluate_run(
     cfg = cfg.replace(**changes, **({"device": device} if device else {}))
     if episodes is not None:
         cfg = cfg.replace(test_episodes=episodes)
-    cfg.validate()
-    source = build_source(cfg)
-    method = build_method(cfg.method, source.info, cfg.method_args).to(cfg.device)
-    method.load_state_dict(folder.weights(checkpoint, cfg.device))
+    source, method = folder.method(cfg.validate(), checkpoint)
     result = evaluate(method, source.loader("test", cfg.test_episodes, seed=cfg.seed), cfg.device, progress)
     folder.write_result(result, f"result-{cfg.ways}w{cfg.shots}s.json" if changes else "result.json")
     return result

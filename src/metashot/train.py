@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from metashot.config import Config
-from metashot.data.tasks import PARTS, TaskSource, build_source
+from metashot.config import Config, check_device
+from metashot.data.tasks import TaskSource, checked_source
 from metashot.distributed import RunningStats, World
 from metashot.errors import ConfigError, NonFiniteError
 from metashot.evaluate import Result, evaluate
@@ -62,23 +62,6 @@ def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim
     if cfg.schedule == "cosine":
         return lr.CosineAnnealingLR(optimizer, cfg.steps)
     return lr.LambdaLR(optimizer, lambda _: 1.0)
-
-
-def check_device(name: str) -> torch.device:
-    """``name`` as a device this machine has, else :class:`ConfigError`."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {name!r} is not a device; expected cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (device.index or 0) >= count:
-            raise ConfigError(f"--device {name}: this machine has {count} CUDA device(s); use --device cpu")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"--device {name}: MPS is not available here; use --device cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"--device {name}: unsupported device type; expected cpu, cuda, cuda:N or mps")
-    return device
 
 
 class Trainer:
@@ -124,7 +107,7 @@ class Trainer:
         self.progress = progress and self.world.writer
         self.device = self.world.device(cfg.device)
         torch.manual_seed(cfg.seed)
-        self.source = source or self.world.first(lambda: self._source(cfg))
+        self.source = source or self.world.first(lambda: checked_source(cfg))
         self.method = build_method(cfg.method, self.source.info, cfg.method_args).to(self.device)
         self.running_stats = RunningStats(self.method, self.world)
         self.optimizer = torch.optim.Adam(self.method.parameters(), lr=cfg.lr)
@@ -140,22 +123,6 @@ class Trainer:
         self.stopped_by: int | None = None  # the signal that stopped training early
         self._pending_signal: int | None = None
         self._in_step = False
-
-    @staticmethod
-    def _source(cfg: Config) -> TaskSource:
-        """The task source, its episode shapes checked against the data before any training."""
-        try:
-            source = build_source(cfg)
-            for part in PARTS:
-                try:
-                    source.loader(part, cfg.meta_batch, seed=cfg.seed)
-                except ValueError as e:
-                    raise ConfigError(f"{cfg.task}, {part} classes: {e}") from None
-        except ConfigError:
-            raise
-        except ValueError as e:
-            raise ConfigError(f"{cfg.task}: {e}") from None
-        return source
 
     def _loader(self, part: str, episodes: int, start: int = 0) -> Any:
         """This rank's share of ``part``'s episodes ``start`` to ``episodes``, in batches."""
@@ -240,8 +207,7 @@ class Trainer:
         try:
             if self.step > 0 and (not self.rows or self.rows[-1]["step"] != self.step) and self._due():
                 self._checkpoint(validate=True)  # a signal cut this step's validation short
-            with torch.random.fork_rng(devices=[]):  # the loader's base-seed draw must not shift
-                batches = iter(loader) if not self.finished else iter(())  # the RNG on resume
+            batches = iter(loader) if not self.finished else iter(())
             self._in_step = True
             while True:
                 batch = next(batches, None)

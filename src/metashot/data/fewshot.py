@@ -376,7 +376,8 @@ class EpisodeSampler(SeededSampler[EpisodeIndex]):
 
     Classes without replacement, examples without replacement within a class, uniformly over the
     class's own examples. Episode ``i`` is drawn from a generator seeded with ``(seed, i)``; ``start``,
-    ``rank`` and ``world_size`` as in :class:`SeededSampler`.
+    ``rank`` and ``world_size`` as in :class:`SeededSampler`. ``class_names`` name the classes too small
+    for the episodes in the error.
     """
 
     def __init__(
@@ -391,6 +392,7 @@ class EpisodeSampler(SeededSampler[EpisodeIndex]):
         start: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__(episodes, seed, start, rank, world_size)
         if ways < 1 or shots < 1 or queries < 0:
@@ -398,7 +400,8 @@ class EpisodeSampler(SeededSampler[EpisodeIndex]):
         if ways > num_classes:
             raise ValueError(f"{ways}-way episodes need {ways} classes, but the dataset has {num_classes}")
         self.layout = ClassLayout.of(num_classes, examples_per_class)
-        message = self.layout.fewer_than(shots + queries, f"shots + queries = {shots} + {queries}")
+        message = self.layout.fewer_than(shots + queries, f"shots + queries = {shots} + {queries}",
+                                         class_names)
         if message is not None:
             raise ValueError(message)
         self.ways, self.shots, self.queries = ways, shots, queries
@@ -408,8 +411,8 @@ class EpisodeSampler(SeededSampler[EpisodeIndex]):
         cls, dataset: FewShotDataset, *, shots: int, queries: int, **kwargs: int
     ) -> EpisodeSampler:
         """A sampler of ``dataset``'s classes; classes too small for the episodes are named in the error."""
-        dataset.require(shots + queries, f"shots + queries = {shots} + {queries}")
-        return cls(dataset.num_classes, dataset.class_sizes, shots=shots, queries=queries, **kwargs)
+        return cls(dataset.num_classes, dataset.class_sizes, shots=shots, queries=queries,
+                   class_names=dataset.class_names, **kwargs)
 
     def episode(self, i: int) -> EpisodeIndex:
         g = episode_generator(self.seed, i)
@@ -437,7 +440,9 @@ def episode_loader(
         dataset, ways=ways, shots=shots, queries=queries, episodes=episodes, seed=seed, start=start,
         rank=rank, world_size=world_size,
     )
+    # the episodes are fixed by (seed, i); a generator of its own keeps the loader's base-seed draw off
+    # the global RNG, so a resumed run's RNG state is the uninterrupted run's
     return DataLoader(
-        dataset, sampler=sampler, batch_size=rank_batch(meta_batch, world_size),
-        collate_fn=Episode.collate, num_workers=num_workers,
+        dataset, sampler=sampler, batch_size=rank_batch(meta_batch, world_size), collate_fn=Episode.collate,
+        num_workers=num_workers, generator=torch.Generator(),
     )

@@ -90,7 +90,8 @@ class SequenceSampler(SeededSampler[SequenceIndex]):
     own examples; a random order of the T = classes * instances steps. With ``max_rotation`` (degrees)
     or ``max_shift`` (pixels) above 0, each image gets a uniform random rotation in +-max_rotation and
     shift in +-max_shift per axis. Episode ``i`` is drawn from a generator seeded with ``(seed, i)``;
-    ``start``, ``rank`` and ``world_size`` as in :class:`~metashot.data.fewshot.SeededSampler`.
+    ``start``, ``rank`` and ``world_size`` as in :class:`~metashot.data.fewshot.SeededSampler`;
+    ``class_names`` name the classes too small for the episodes in the error.
     """
 
     def __init__(
@@ -107,6 +108,7 @@ class SequenceSampler(SeededSampler[SequenceIndex]):
         start: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__(episodes, seed, start, rank, world_size)
         if labels not in LABEL_MODES:
@@ -116,7 +118,7 @@ class SequenceSampler(SeededSampler[SequenceIndex]):
         if instances < 1:
             raise ValueError(f"instances must be at least 1, got {instances}")
         self.layout = ClassLayout.of(num_classes, examples_per_class)
-        message = self.layout.fewer_than(instances, "instances")
+        message = self.layout.fewer_than(instances, "instances", class_names)
         if message is not None:
             raise ValueError(message)
         if labels == "string" and classes > STRING_SYMBOLS**STRING_LENGTH:
@@ -197,11 +199,11 @@ def sequence_loader(
     """Batches (:class:`SequenceBatch`) of ``batch_size`` sequence episodes, ``episodes`` in all; process
     ``rank`` of ``world_size`` gets its batches of ``batch_size // world_size`` (see
     :class:`~metashot.data.fewshot.SeededSampler`)."""
-    data.require(instances, "instances")
     sampler = SequenceSampler(
         data.num_classes, data.class_sizes, classes, instances, episodes, labels,
-        max_rotation, max_shift, seed, start, rank, world_size,
+        max_rotation, max_shift, seed, start, rank, world_size, class_names=data.class_names,
     )
     dataset = SequenceDataset(data)
     return DataLoader(dataset, sampler=sampler, batch_size=rank_batch(batch_size, world_size),
-                      collate_fn=dataset.collate, num_workers=num_workers)
+                      collate_fn=dataset.collate, num_workers=num_workers,
+                      generator=torch.Generator())  # off the global RNG, as episode_loader

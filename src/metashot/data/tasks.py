@@ -25,6 +25,7 @@ from metashot.data.sequences import (
     sequence_loader,
 )
 from metashot.data.sinusoid import sinusoid_loader
+from metashot.errors import ConfigError
 from metashot.methods.base import TaskInfo
 
 PARTS = ("train", "val", "test")
@@ -253,3 +254,20 @@ def build_source(cfg: Config) -> TaskSource:
     if cfg.task not in TASKS:
         raise ValueError(f"unknown task {cfg.task!r}; known: {', '.join(sorted(TASKS))}")
     return TASKS[cfg.task](cfg)
+
+
+def checked_source(cfg: Config) -> TaskSource:
+    """:func:`build_source`, with every part's episode shape checked against the data: a problem is a
+    :class:`ConfigError` naming the task (and the part), raised before any work is done."""
+    try:
+        source = build_source(cfg)
+        for part in PARTS:
+            try:
+                source.loader(part, cfg.meta_batch, seed=cfg.seed)
+            except ValueError as e:
+                raise ConfigError(f"{cfg.task}, {part} classes: {e}") from None
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{cfg.task}: {e}") from None
+    return source
