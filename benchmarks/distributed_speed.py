@@ -35,9 +35,8 @@ LAYOUTS = ((1, 1), (1, 2), (2, 1))  # (processes, threads per process)
 
 
 def build(case: str, world_size: int) -> tuple[Any, Any]:
-    from metashot.data.fewshot import Episode
+    from metashot.batches import Episode, TaskInfo
     from metashot.methods import build_method
-    from metashot.methods.base import TaskInfo
     from metashot.presets import get
 
     if case.startswith("maml"):

@@ -62,7 +62,7 @@ def step_fn(case: str, model: nn.Module, a: argparse.Namespace) -> Callable[[tup
     lr, steps = a.inner_lr, a.steps
 
     if case.startswith("metashot"):
-        from metashot.data.fewshot import Episode
+        from metashot.batches import Episode
         from metashot.methods.maml import MAML
 
         method = MAML(model, lr, steps, first_order=not second, adapt_norm=a.adapt_norm,

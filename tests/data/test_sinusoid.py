@@ -6,9 +6,9 @@ import numpy as np
 import torch
 
 from metashot import presets
+from metashot.batches import TaskInfo
 from metashot.data.sinusoid import AMPLITUDE, PHASE, SinusoidSampler, sinusoid_loader
 from metashot.data.tasks import TASKS, build_source
-from metashot.methods.base import TaskInfo
 
 
 def test_sinusoid_tasks_follow_the_paper_and_depend_only_on_seed_part_and_index() -> None:

@@ -11,10 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from metashot import presets
+from metashot.batches import Episode, TaskInfo
 from metashot.config import Config
-from metashot.data.fewshot import Episode
 from metashot.methods import METHODS
-from metashot.methods.base import TaskInfo
 from metashot.methods.maml import MAML, MAMLRegression
 from metashot.nn.backbones import Conv4
 from metashot.train import Trainer

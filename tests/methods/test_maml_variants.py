@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from metashot import presets
-from metashot.data.fewshot import Episode
+from metashot.batches import Episode, TaskInfo
 from metashot.methods import METHODS
-from metashot.methods.base import TaskInfo
 from metashot.methods.inner_loop import msl_weights
 from metashot.methods.maml import MAML, MAMLRegression
 from metashot.nn.backbones import Conv4

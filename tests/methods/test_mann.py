@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from metashot.batches import SequenceBatch, SequenceTaskInfo
 from metashot.config import Config
 from metashot.data.fewshot import FewShotDataset
 from metashot.data.sequences import (
-    SequenceBatch,
-    SequenceTaskInfo,
     instance_counts,
     sequence_loader,
     string_labels,

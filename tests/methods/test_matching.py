@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metashot.batches import Episode
 from metashot.config import Config
-from metashot.data.fewshot import Episode
 from metashot.data.omniglot import Omniglot
 from metashot.data.tasks import OmniglotSource
 from metashot.evaluate import evaluate

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from metashot.data.fewshot import Episode
+from metashot.batches import Episode
 from metashot.methods.protonet import ProtoNet, prototype_logits, prototypes
 
 

@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from metashot.batches import Episode
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 GREY_MODES = ("1", "L", "LA")
 COLOUR_MODES = ("P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
@@ -32,39 +34,6 @@ INTEGER_RANGES = {
 LUMA = np.array([19595, 38470, 7471]) / 65536
 SMALL_CLASSES = ("error", "drop")
 T = TypeVar("T")
-
-
-@dataclass
-class Episode:
-    """One N-way K-shot Q-query episode, or a batch of B of them (a leading B dim on every field).
-
-    support: [(B,) N*K, C, H, W] class-major (class 0's K shots first); support_labels [(B,) N*K]
-    in 0..N-1; query: [(B,) N*Q, C, H, W]; query_labels: [(B,) N*Q]. num_ways: N when the builder
-    knows it (the sampler does), else counted from the labels when asked.
-    """
-
-    support: torch.Tensor
-    support_labels: torch.Tensor
-    query: torch.Tensor
-    query_labels: torch.Tensor
-    num_ways: int | None = None
-
-    TENSORS = ("support", "support_labels", "query", "query_labels")
-
-    def to(self, device: torch.device | str) -> Episode:
-        moved = (getattr(self, name).to(device, non_blocking=True) for name in self.TENSORS)
-        return type(self)(*moved, num_ways=self.num_ways)
-
-    @classmethod
-    def collate(cls, items: Sequence[Episode]) -> Episode:
-        ways = {e.num_ways for e in items}
-        stacked = (torch.stack([getattr(e, name) for e in items]) for name in cls.TENSORS)
-        return cls(*stacked, num_ways=ways.pop() if len(ways) == 1 else None)
-
-    @property
-    def ways(self) -> int:
-        """N; counting it from the labels syncs with the device, so the sampler's episodes carry it."""
-        return self.num_ways if self.num_ways is not None else int(self.support_labels.max()) + 1
 
 
 @dataclass(frozen=True)

@@ -15,47 +15,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from metashot.batches import SequenceBatch
 from metashot.data.fewshot import ClassLayout, FewShotDataset, SeededSampler, episode_generator, rank_batch
-from metashot.methods.base import TaskInfo
 
 LABEL_MODES = ("onehot", "string")
 STRING_LENGTH = 5  # characters per string label
 STRING_SYMBOLS = 5  # values per character: 5 ** 5 = 3,125 labels
-
-
-@dataclass(frozen=True)
-class SequenceTaskInfo(TaskInfo):
-    """A :class:`TaskInfo` for sequence episodes: labels are ``label_groups`` independent
-    categorical variables of ``label_values`` values each (one-hot: 1 group of C; strings: 5 of 5)."""
-
-    label_groups: int = 1
-    label_values: int = 0
-    steps: int = 0
-
-
-@dataclass
-class SequenceBatch:
-    """B sequence episodes of T steps.
-
-    x: [B, T, C, H, W] float images; y: [B, T] class labels (one-hot mode) or [B, T, 5] string
-    characters; instance: [B, T] int, the n-th presentation of the step's class (1-based).
-    """
-
-    x: torch.Tensor
-    y: torch.Tensor
-    instance: torch.Tensor
-
-    def to(self, device: torch.device | str) -> SequenceBatch:
-        return type(self)(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
 
 
 @dataclass(frozen=True)

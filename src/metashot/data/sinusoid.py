@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler
 
-from metashot.data.fewshot import Episode, SeededSampler, rank_batch
+from metashot.batches import Episode
+from metashot.data.fewshot import SeededSampler, rank_batch
 
 AMPLITUDE = (0.1, 5.0)
 PHASE = (0.0, math.pi)

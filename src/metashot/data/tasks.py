@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from metashot.batches import SequenceTaskInfo, TaskInfo
 from metashot.config import Config
 from metashot.data.fewshot import SMALL_CLASSES, FewShotDataset, episode_loader
 from metashot.data.omniglot import Omniglot
@@ -21,12 +22,10 @@ from metashot.data.sequences import (
     LABEL_MODES,
     STRING_LENGTH,
     STRING_SYMBOLS,
-    SequenceTaskInfo,
     sequence_loader,
 )
 from metashot.data.sinusoid import sinusoid_loader
 from metashot.errors import ConfigError
-from metashot.methods.base import TaskInfo
 
 PARTS = ("train", "val", "test")
 

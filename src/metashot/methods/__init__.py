@@ -1,6 +1,7 @@
 """Meta-learning methods, each in its own file, all meeting :class:`~metashot.methods.base.Method`."""
 
-from metashot.methods.base import Method, TaskInfo
+from metashot.batches import TaskInfo
+from metashot.methods.base import Method
 from metashot.methods.kernel import MetricMethod, RBFKernel, class_log_probs
 from metashot.methods.maml import MAML, MAMLRegression
 from metashot.methods.mann import MANN, LSTMBaseline

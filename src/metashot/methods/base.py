@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class TaskInfo:
-    """What a method needs to know of its tasks to build itself.
-
-    input_shape: one example's shape, e.g. (1, 28, 28); ways: classes per task at train and test
-    time (a classifier head's width; 1 for regression); train_ways: ways in training episodes;
-    regression: targets are real values (``ways`` of them per example), not class labels.
-    """
-
-    input_shape: tuple[int, ...]
-    ways: int
-    train_ways: int
-    regression: bool = False
+from metashot.batches import TaskInfo
 
 
 class Method(nn.Module, ABC):

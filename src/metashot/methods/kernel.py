@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metashot.data.fewshot import Episode
+from metashot.batches import Episode
 from metashot.methods.base import Method
 
 

@@ -81,8 +81,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
-from metashot.data.fewshot import Episode
-from metashot.methods.base import Method, TaskInfo
+from metashot.batches import Episode, TaskInfo
+from metashot.methods.base import Method
 from metashot.methods.inner_loop import PerStepBatchNorm, msl_weights, recomputed
 from metashot.nn.backbones import MLP, Conv4
 

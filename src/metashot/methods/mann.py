@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metashot.methods.base import Method, TaskInfo
+from metashot.batches import SequenceTaskInfo, TaskInfo
+from metashot.methods.base import Method
 from metashot.nn.memory import LRUAMemory
 
 INSTANCES = (1, 2, 3, 4, 5, 10)
@@ -44,7 +45,7 @@ class MANN(Method):
         forget_bias: added to the controller's forget-gate bias at initialisation.
         instances: the presentations n reported as "acc_n".
 
-    Batches are :class:`~metashot.data.sequences.SequenceBatch` (x [B, T, ...], y [B, T] or
+    Batches are :class:`~metashot.batches.SequenceBatch` (x [B, T, ...], y [B, T] or
     [B, T, G], instance [B, T]).
     """
 
@@ -82,9 +83,11 @@ class MANN(Method):
 
     @classmethod
     def build(cls, info: TaskInfo, **kwargs: Any) -> MANN:
+        if not isinstance(info, SequenceTaskInfo):
+            raise ValueError("trains on sequence tasks (--task omniglot-sequences), not episodes")
         kwargs.setdefault("input_size", math.prod(info.input_shape))
-        kwargs.setdefault("label_groups", getattr(info, "label_groups", 1))
-        kwargs.setdefault("label_values", getattr(info, "label_values", 0) or info.ways)
+        kwargs.setdefault("label_groups", info.label_groups)
+        kwargs.setdefault("label_values", info.label_values)
         return cls(**kwargs)
 
     def inputs(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

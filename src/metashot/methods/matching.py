@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metashot.methods.base import Method, TaskInfo
+from metashot.batches import TaskInfo
+from metashot.methods.base import Method
 from metashot.methods.kernel import MetricMethod
 from metashot.nn.backbones import Conv4
 

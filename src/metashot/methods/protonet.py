@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metashot.data.fewshot import Episode
-from metashot.methods.base import Method, TaskInfo
+from metashot.batches import Episode, TaskInfo
+from metashot.methods.base import Method
 from metashot.methods.kernel import MetricMethod
 from metashot.nn.backbones import Conv4
 
