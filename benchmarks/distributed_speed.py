@@ -46,7 +46,7 @@ def build(case: str, world_size: int) -> tuple[Any, Any]:
     else:
         cfg = get("protonet-omniglot-5w1s")
         args, ways, shots, queries, batch = cfg.method_args, 60, 1, 5, 2
-    method = build_method(cfg.method, TaskInfo((1, 28, 28), ways, ways), args)
+    method = build_method(cfg.replace(method_args=args), TaskInfo((1, 28, 28), ways, ways))
     b = batch // world_size
     g = torch.Generator().manual_seed(0)
     labels = [torch.arange(ways).repeat_interleave(n).expand(b, -1).contiguous() for n in (shots, queries)]

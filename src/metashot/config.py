@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -17,8 +18,12 @@ from metashot.errors import ConfigError
 
 # Fields added after runs were first saved, with the value that reproduces the older behaviour, so that
 # an older config.json still loads; any other missing field is an error.
-ADDED_FIELDS: dict[str, Any] = {"schedule": "step"}
+ADDED_FIELDS: dict[str, Any] = {
+    "schedule": "step", "warmup": 0, "lr_min": 0.0, "optimizer": "adam", "optimizer_args": {},
+    "weight_decay": 0.0, "split_seed": None, "backbone": None, "backbone_args": {},
+}
 SCHEDULES = ("step", "cosine", "constant")
+OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}
 
 
 @dataclass
@@ -27,9 +32,18 @@ class Config:
 
     ``steps`` counts optimizer steps: one episode each, or one meta-batch of ``meta_batch`` episodes;
     ``max_minutes`` stops training earlier, after that much training time (validation excluded).
-    ``train_ways``/``train_shots``/``train_queries`` default to the test values. ``schedule`` of the
-    learning rate: "step" (times ``lr_gamma`` every ``lr_step`` steps), "cosine" (from ``lr`` to 0 over
-    ``steps``) or "constant".
+    ``train_ways``/``train_shots``/``train_queries`` default to the test values.
+
+    ``optimizer`` is one of :data:`OPTIMIZERS`, built by torch with ``lr``, ``weight_decay`` and
+    ``optimizer_args`` (e.g. ``{"momentum": 0.9, "nesterov": true}`` for SGD, ``{"alpha": 0.95}`` for
+    RMSProp). ``schedule`` of the learning rate: "step" (times ``lr_gamma`` every ``lr_step`` steps),
+    "cosine" (from ``lr`` to ``lr_min`` over the steps after warm-up) or "constant"; ``warmup`` steps of
+    linear warm-up come first.
+
+    ``split_seed`` draws the split of classes into train, validation and test (null: ``seed``, as runs
+    saved before it existed); ``seed`` the initialisation and the episodes. ``backbone`` is a name in
+    :data:`metashot.nn.BACKBONES` or ``package.module:factory``, built with ``backbone_args`` (null: the
+    method's own network, as in its paper).
     """
 
     method: str = "protonet"
@@ -46,14 +60,22 @@ class Config:
     meta_batch: int = 1
     steps: int = 20_000
     max_minutes: float | None = None
+    backbone: str | None = None
+    backbone_args: dict[str, Any] = field(default_factory=dict)
+    optimizer: str = "adam"
+    optimizer_args: dict[str, Any] = field(default_factory=dict)
     lr: float = 1e-3
+    weight_decay: float = 0.0
     schedule: str = "step"
+    warmup: int = 0
     lr_step: int = 2_000
     lr_gamma: float = 0.5
+    lr_min: float = 0.0
     val_every: int = 500
     val_episodes: int = 200
     test_episodes: int = 1_000
     seed: int = 0
+    split_seed: int | None = 0
     device: str = "cpu"
     preset: str | None = None
 
@@ -61,6 +83,11 @@ class Config:
         self.train_ways = self.train_ways or self.ways
         self.train_shots = self.train_shots or self.shots
         self.train_queries = self.train_queries if self.train_queries is not None else self.queries
+
+    @property
+    def class_split_seed(self) -> int:
+        """The seed of the split of classes: ``split_seed``, else ``seed``."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -74,10 +101,10 @@ class Config:
         at_least = {
             "ways": 1, "shots": 1, "queries": 0, "train_ways": 1, "train_shots": 1, "train_queries": 0,
             "meta_batch": 1, "steps": 1, "lr_step": 1, "val_every": 1, "val_episodes": 1,
-            "test_episodes": 1, "seed": 0,
+            "test_episodes": 1, "seed": 0, "split_seed": 0, "warmup": 0,
         }
         for name, low in at_least.items():
-            if getattr(self, name) < low:
+            if getattr(self, name) is not None and getattr(self, name) < low:
                 raise ConfigError(f"{option_name(name)} must be at least {low}, got {getattr(self, name)}")
         for name in ("lr", "lr_gamma"):
             value = getattr(self, name)
@@ -85,9 +112,29 @@ class Config:
                 raise ConfigError(f"{option_name(name)} must be a positive finite number, got {value}")
         if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
             raise ConfigError(f"--max-minutes must be a positive number of minutes, got {self.max_minutes}")
+        for name in ("weight_decay", "lr_min"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{option_name(name)} must be a finite number >= 0, got {value}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.schedule == "cosine" and self.lr_min >= self.lr:
+            raise ConfigError(f"--lr-min ({self.lr_min:g}) must be below --lr ({self.lr:g}) to anneal to it")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        self.make_optimizer([torch.zeros(1, requires_grad=True)])
         return self
+
+    def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """torch's optimizer :attr:`optimizer` over ``params``, else :class:`ConfigError` naming the
+        argument torch refused."""
+        kind = getattr(torch.optim, OPTIMIZERS[self.optimizer])
+        try:
+            return kind(params, lr=self.lr, weight_decay=self.weight_decay, **self.optimizer_args)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(
+                f"optimizer_args {json.dumps(self.optimizer_args)} do not fit {self.optimizer} ({e})"
+            ) from None
 
     def save(self, path: Path) -> None:
         from metashot.io import atomic_write_text
@@ -99,7 +146,7 @@ class Config:
         """A validated config from plain data, every field present (but :data:`ADDED_FIELDS`)."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object of config fields, got {type(data).__name__}")
-        data = ADDED_FIELDS | data
+        data = copy.deepcopy(ADDED_FIELDS) | data
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(data) - set(names))
         missing = [n for n in names if n not in data]

@@ -188,7 +188,7 @@ class RunFolder:
 
         check_device(cfg.device)
         source = checked_source(cfg)
-        method = build_method(cfg.method, source.info, cfg.method_args).to(cfg.device)
+        method = build_method(cfg, source.info).to(cfg.device)
         method.load_state_dict(self.weights(checkpoint, cfg.device))
         return source, method
 

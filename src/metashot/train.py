@@ -108,7 +108,7 @@ class Trainer:
         self.device = self.world.device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.source = source or self.world.first(lambda: checked_source(cfg))
-        self.method = build_method(cfg.method, self.source.info, cfg.method_args).to(self.device)
+        self.method = build_method(cfg, self.source.info).to(self.device)
         self.running_stats = RunningStats(self.method, self.world)
         self.optimizer = torch.optim.Adam(self.method.parameters(), lr=cfg.lr)
         self.scheduler = make_scheduler(cfg, self.optimizer)

@@ -120,13 +120,13 @@ class OmniglotSource(FewShotSource):
     def dataset(self, part: str) -> FewShotDataset:
         if part not in self._parts:
             self._parts[part] = self.omniglot.classes(
-                self.split, part, self.rotations, self.cfg.seed, self.val_characters
+                self.split, part, self.rotations, self.cfg.class_split_seed, self.val_characters
             )
         return self._parts[part]
 
 
 class FolderSource(FewShotSource):
-    """A folder of class sub-folders (``data_dir``), its classes split by seed into train/val/test.
+    """A folder of class sub-folders (``data_dir``), its classes split by ``split_seed`` into train/val/test.
 
     task_args: image_size (28), channels (1), fractions ([0.6, 0.2, 0.2]), small_classes ("error" or
     "drop": what to do with a part's classes of fewer images than that part's shots + queries).
@@ -145,7 +145,7 @@ class FolderSource(FewShotSource):
         if small_classes not in SMALL_CLASSES:  # before the folder is decoded
             raise ValueError(f"small_classes must be one of {SMALL_CLASSES}, got {small_classes!r}")
         data = FewShotDataset.from_folder(cfg.data_dir, image_size, channels)
-        perm = torch.randperm(data.num_classes, generator=torch.Generator().manual_seed(cfg.seed))
+        perm = torch.randperm(data.num_classes, generator=torch.Generator().manual_seed(cfg.class_split_seed))
         bounds = torch.tensor([0.0, *fractions]).cumsum(0).mul(data.num_classes).round().long()
         self.small_classes = small_classes
         self._split = {

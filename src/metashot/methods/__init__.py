@@ -1,6 +1,8 @@
 """Meta-learning methods, each in its own file, all meeting :class:`~metashot.methods.base.Method`."""
 
 from metashot.batches import TaskInfo
+from metashot.config import Config
+from metashot.errors import ConfigError
 from metashot.methods.base import Method
 from metashot.methods.kernel import MetricMethod, RBFKernel, class_log_probs
 from metashot.methods.maml import MAML, MAMLRegression
@@ -17,10 +19,9 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
-def build_method(name: str, info: TaskInfo, args: dict) -> Method:
-    """The registered method ``name`` built for tasks ``info`` with the config's ``method_args``."""
-    from metashot.errors import ConfigError
-
+def build_method(cfg: Config, info: TaskInfo) -> Method:
+    """The config's method built for tasks ``info`` with its ``method_args``."""
+    name, args = cfg.method, cfg.method_args
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
     try:
