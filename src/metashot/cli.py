@@ -7,12 +7,15 @@ import json
 import os
 import signal
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Any, NoReturn
 
 from metashot import presets
-from metashot.config import Config, check_types, field_types
+from metashot.config import Config, check_types, field_types, option_name, options
 from metashot.errors import ConfigError, MetashotError
+from metashot.evaluate import Result
 from metashot.methods import METHODS
 
 
@@ -28,7 +31,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         "train",
         help="meta-train a method, then test it",
         description="Meta-train METHOD with a preset's recipe (options override it), then print "
-        "the test accuracy with its 95% CI. Options left out take the preset's value.",
+        "the test accuracy with its 95% CI. Options left out take the preset's value (see "
+        "`metashot presets`).",
         epilog="Distributed: `torchrun --nproc-per-node=N -m metashot train METHOD ...` trains on N "
         "processes (gloo on CPU, nccl on CUDA, each rank on its local GPU); across machines add torchrun's "
         "--nnodes=M --node-rank=I --master-addr=HOST --master-port=PORT, or --rdzv-backend=c10d "
@@ -39,25 +43,11 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("method", choices=sorted(METHODS), help="the method to train")
     p.add_argument("--preset", help="a named recipe (see `metashot presets`); default: the method's "
                    "5-way 1-shot Omniglot preset")
-    p.add_argument("--task", help="task source: omniglot, folder, sinusoid, omniglot-sequences")
-    p.add_argument("--ways", type=int, help="classes per test episode")
-    p.add_argument("--shots", type=int, help="support examples per class (training too)")
-    p.add_argument("--queries", type=int, help="query examples per class at test")
-    p.add_argument("--train-ways", type=int, help="classes per training episode")
-    p.add_argument("--train-queries", type=int, help="queries per class in training")
-    p.add_argument("--meta-batch", type=int, help="episodes per optimizer step")
-    p.add_argument("--max-episodes", type=int, dest="steps",
-                   help="training length in optimizer steps: one episode each for protonet and "
-                   "matching, one meta-batch of --meta-batch episodes for maml, mann and lstm")
-    p.add_argument("--max-minutes", type=float,
-                   help="stop after this many minutes of training (validation excluded); default: no limit")
-    p.add_argument("--lr", type=float, help="Adam learning rate")
-    p.add_argument("--val-every", type=int, help="steps between validations and checkpoints")
-    p.add_argument("--test-episodes", type=int, help="test episodes (the papers': 1000, MAML 600)")
+    _config_options(p)
+    p.add_argument("--seeds", type=_seed_list, metavar="S,S,...",
+                   help="train one run per seed, one after another (into RUN_DIR/seedS with --run-dir), "
+                   "then print the mean and spread over them")
     p.add_argument("--run-dir", type=Path, help="run folder; default: runs/PRESET-seedS")
-    p.add_argument("--data-dir", help="dataset folder; default: $METASHOT_DATA, else ~/.cache/metashot")
-    p.add_argument("--seed", type=int, help="seed of the split, initialisation and episodes; default: 0")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, mps; default: cpu")
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                    help="any config field, e.g. --set method_args='{\"fce\": true}' (a dict updates the "
                    "preset's; a string field takes a bare word: --set schedule=cosine)")
@@ -66,6 +56,27 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    "may change only its length, time limit, device, data folder and test episodes")
     p.add_argument("--json", action="store_true", help="print the test result as one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _config_options(p: argparse.ArgumentParser) -> None:
+    """One option per config field, named, typed and explained by the field itself."""
+    hints = field_types()
+    for f in options():
+        hint = hints[f.name]
+        kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        kind = next(typing.get_origin(k) or k for k in kinds if k is not type(None))
+        p.add_argument(option_name(f.name), dest=f.name, type=_json_object if kind is dict else kind,
+                       metavar="JSON" if kind is dict else None, help=f.metadata["help"])
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"key\": 1}}', got {text!r}")
+    return value
 
 
 def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
@@ -90,7 +101,14 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_parser(sub)
     _evaluate_parser(sub)
-    sub.add_parser("presets", help="list the presets")
+    pp = sub.add_parser("presets", help="list the presets, or print one's config",
+                        description="List the presets; with NAME, print that preset's whole config as JSON.")
+    pp.add_argument("name", nargs="?", help="a preset to print")
+    su = sub.add_parser("summarize", help="mean and spread over seeds of tested runs of one recipe",
+                        description="Each run's test result and, per metric, the mean over the runs with "
+                        "the sample standard deviation across seeds. The runs must differ only in --seed.")
+    su.add_argument("run_dirs", type=Path, nargs="+", help="run folders with a result.json")
+    su.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     pl = sub.add_parser("plot", help="plot runs' validation curves against minutes",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     pl.add_argument("run_dirs", type=Path, nargs="+", help="run folders")
@@ -110,10 +128,6 @@ def parser() -> argparse.ArgumentParser:
     pi.add_argument("--names", nargs="+", help="legend names, one per run (default: folder names)")
     pi.add_argument("--out", type=Path, default=Path("instances.png"), help="PNG to write")
     return p
-
-
-OPTIONS = ("task", "ways", "shots", "queries", "train_ways", "train_queries", "meta_batch", "steps",
-           "max_minutes", "lr", "val_every", "test_episodes", "data_dir", "seed", "device")
 
 
 def _parse_set(item: str) -> tuple[str, Any]:
@@ -139,10 +153,10 @@ def _takes_string(kind: Any) -> bool:
 
 def _changes(args: argparse.Namespace, base: Config) -> dict[str, Any]:
     """The config fields the command line sets explicitly, over ``base``."""
-    changes = {k: v for k in OPTIONS if (v := getattr(args, k)) is not None}
-    for item in args.set:
-        key, value = _parse_set(item)
-        # a dict (method_args, task_args) updates the base's: --set method_args='{"fce": true}' keeps
+    given = [(f.name, v) for f in options() if (v := getattr(args, f.name)) is not None]
+    changes: dict[str, Any] = {}
+    for key, value in given + [_parse_set(item) for item in args.set]:
+        # a dict (method_args, task_args) updates the base's: --method-args '{"fce": true}' keeps
         # the preset's other method arguments
         if isinstance(value, dict) and isinstance(current := getattr(base, key), dict):
             value = current | value
@@ -202,8 +216,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "presets":
+        if args.name is not None:
+            print(json.dumps(presets.get(args.name).to_dict(), indent=2))
+            return 0
         for name, cfg in sorted(presets.PRESETS.items()):
             print(f"{name:30} {presets.describe(cfg)}")
+        return 0
+    if args.command == "summarize":
+        from metashot.runs import summarize_runs
+
+        summary = summarize_runs(args.run_dirs)
+        print(summary.to_json() if args.json else summary.table() + "\n" + summary.summary())
         return 0
     if args.command == "plot":
         from metashot.plot import plot_runs
@@ -225,28 +248,71 @@ def _run(args: argparse.Namespace) -> int:
         print(args.out)
         return 0
 
-    from metashot.runs import RunFolder, evaluate_run
-    from metashot.train import Trainer
+    from metashot.runs import evaluate_run
 
+    if args.command == "train" and args.seeds is not None:
+        return _train_seeds(args)
     if args.command == "train":
-        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and args.run_dir is not None:
-            # torchrun restarted the group after a failure: continue the run from its last checkpoint
-            args.resume = RunFolder(args.run_dir).exists()
-        cfg = config_from_args(args)
-        trainer = Trainer(cfg, _run_dir(args, cfg), resume=args.resume, progress=not args.no_progress)
-        trainer.fit()
-        if not trainer.finished:
-            return 128 + (trainer.stopped_by or 0)
-        result = trainer.test()
-        trainer.world.close()
-        if not trainer.world.writer:
-            return 0
+        code, result = _train(args)
+        if result is None:
+            return code
     else:
         _positive(args, "test_episodes", "ways", "shots")
         result = evaluate_run(args.run_dir, args.test_episodes, args.checkpoint, args.device,
                               not args.no_progress, args.ways, args.shots)
     print(result.to_json() if args.json else result.table() + "\n" + result.summary())
     return 0
+
+
+def _train(args: argparse.Namespace) -> tuple[int, Result | None]:
+    """Train and test one run: the exit status, and the result where this process prints it."""
+    from metashot.runs import RunFolder
+    from metashot.train import Trainer
+
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and args.run_dir is not None:
+        # torchrun restarted the group after a failure: continue the run from its last checkpoint
+        args.resume = RunFolder(args.run_dir).exists()
+    cfg = config_from_args(args)
+    trainer = Trainer(cfg, _run_dir(args, cfg), resume=args.resume, progress=not args.no_progress)
+    trainer.fit()
+    if not trainer.finished:
+        return 128 + (trainer.stopped_by or 0), None
+    result = trainer.test()
+    trainer.world.close()
+    return 0, result if trainer.world.writer else None
+
+
+def _train_seeds(args: argparse.Namespace) -> int:
+    """``--seeds``: one run per seed, one after another, then their summary."""
+    from metashot.runs import summarize_runs
+
+    if args.seed is not None:
+        raise ConfigError("give --seed or --seeds, not both")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--seeds runs the seeds one after another in one process; under torchrun, "
+                          "start one run per --seed and `metashot summarize` their folders")
+    run_dirs = []
+    for seed in args.seeds:
+        run_dir = args.run_dir / f"seed{seed}" if args.run_dir is not None else None
+        one = argparse.Namespace(**{**vars(args), "seed": seed, "run_dir": run_dir})
+        code, result = _train(one)
+        if result is None:
+            return code
+        print(f"seed {seed}: {result.summary()}", flush=True)
+        run_dirs.append(_run_dir(one, config_from_args(one)) if run_dir is None else run_dir)
+    summary = summarize_runs(run_dirs)
+    print(summary.to_json() if args.json else summary.table() + "\n" + summary.summary())
+    return 0
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds separated by commas (0,1,2): {text!r}") from None
+    if len(set(seeds)) < len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected distinct seeds >= 0, got {text!r}")
+    return seeds
 
 
 if __name__ == "__main__":

@@ -26,6 +26,13 @@ SCHEDULES = ("step", "cosine", "constant")
 OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}
 
 
+def option(default: Any, help: str) -> Any:
+    """A config field with a command-line option: ``--name`` (see :func:`option_name`), ``help`` its text."""
+    if isinstance(default, dict):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Config:
     """Everything a run needs; saved as ``config.json`` in the run folder.
@@ -47,36 +54,40 @@ class Config:
     """
 
     method: str = "protonet"
-    method_args: dict[str, Any] = field(default_factory=dict)
-    task: str = "omniglot"
-    task_args: dict[str, Any] = field(default_factory=dict)
-    data_dir: str | None = None
-    ways: int = 5
-    shots: int = 1
-    queries: int = 15
-    train_ways: int | None = None
-    train_shots: int | None = None
-    train_queries: int | None = None
-    meta_batch: int = 1
-    steps: int = 20_000
-    max_minutes: float | None = None
-    backbone: str | None = None
-    backbone_args: dict[str, Any] = field(default_factory=dict)
-    optimizer: str = "adam"
-    optimizer_args: dict[str, Any] = field(default_factory=dict)
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    schedule: str = "step"
-    warmup: int = 0
-    lr_step: int = 2_000
-    lr_gamma: float = 0.5
-    lr_min: float = 0.0
-    val_every: int = 500
-    val_episodes: int = 200
-    test_episodes: int = 1_000
-    seed: int = 0
-    split_seed: int | None = 0
-    device: str = "cpu"
+    method_args: dict[str, Any] = option({}, "the method's own arguments, e.g. {\"fce\": true}")
+    task: str = option("omniglot", "task source: omniglot, folder, sinusoid, omniglot-sequences")
+    task_args: dict[str, Any] = option({}, "the task source's arguments, e.g. {\"split\": \"official\"}")
+    data_dir: str | None = option(None, "dataset folder; default: $METASHOT_DATA, else ~/.cache/metashot")
+    ways: int = option(5, "classes per test episode")
+    shots: int = option(1, "support examples per class (training too)")
+    queries: int = option(15, "query examples per class at test")
+    train_ways: int | None = option(None, "classes per training episode; default: --ways")
+    train_shots: int | None = option(None, "support examples per class in training; default: --shots")
+    train_queries: int | None = option(None, "queries per class in training; default: --queries")
+    meta_batch: int = option(1, "episodes per optimizer step, over all processes")
+    steps: int = option(20_000, "training length in optimizer steps: one episode each for protonet "
+                        "and matching, one meta-batch of --meta-batch episodes for maml, mann and lstm")
+    max_minutes: float | None = option(None, "stop after this many minutes of training (validation "
+                                       "excluded); default: no limit")
+    backbone: str | None = option(None, "network: conv4, conv4-strided, resnet12, mlp or "
+                                  "package.module:factory; default: the method's paper's")
+    backbone_args: dict[str, Any] = option({}, "the backbone's arguments, e.g. {\"drop_rate\": 0.1}")
+    optimizer: str = option("adam", "adam, adamw, sgd or rmsprop (torch's)")
+    optimizer_args: dict[str, Any] = option({}, "the optimizer's other arguments, e.g. "
+                                            "{\"momentum\": 0.9, \"nesterov\": true}")
+    lr: float = option(1e-3, "learning rate (after warm-up, before the schedule)")
+    weight_decay: float = option(0.0, "the optimizer's weight decay")
+    schedule: str = option("step", "learning-rate schedule: step, cosine or constant")
+    warmup: int = option(0, "steps of linear learning-rate warm-up before the schedule")
+    lr_step: int = option(2_000, "steps between the step schedule's decays")
+    lr_gamma: float = option(0.5, "the step schedule's factor")
+    lr_min: float = option(0.0, "the cosine schedule's final learning rate")
+    val_every: int = option(500, "steps between validations and checkpoints")
+    val_episodes: int = option(200, "validation episodes")
+    test_episodes: int = option(1_000, "test episodes (the papers': 1000, MAML 600)")
+    seed: int = option(0, "seed of the initialisation and the episodes")
+    split_seed: int | None = option(0, "seed of the split of classes into train, validation and test")
+    device: str = option("cpu", "cpu, cuda, cuda:1, mps")
     preset: str | None = None
 
     def __post_init__(self) -> None:
@@ -174,6 +185,11 @@ class Config:
 def option_name(name: str) -> str:
     """The command-line spelling of a config field, for messages."""
     return {"steps": "--max-episodes"}.get(name, "--" + name.replace("_", "-"))
+
+
+def options() -> list[dataclasses.Field]:
+    """The fields the command line sets by an option of their own (all but ``method`` and ``preset``)."""
+    return [f for f in dataclasses.fields(Config) if "help" in f.metadata]
 
 
 def field_types() -> dict[str, Any]:

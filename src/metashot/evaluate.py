@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -53,6 +54,61 @@ class Result:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "mean": self.mean, "ci95": self.ci}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Result:
+        """The result :meth:`to_dict` wrote (``result.json``)."""
+        stats = {k: (float(m), float(c)) for k, (m, c) in data["stats"].items()}
+        return cls(data["metric"], int(data["episodes"]), stats)
+
+
+@dataclass
+class SeedSummary:
+    """Runs of one recipe that differ only in their seed: each run's result and, per metric, the mean over
+    the runs with the sample standard deviation across them (the spread MAML++ and later papers report)."""
+
+    names: list[str]
+    seeds: list[int]
+    results: list[Result]
+
+    @property
+    def metric(self) -> str:
+        return self.results[0].metric
+
+    def stats(self) -> dict[str, tuple[float, float]]:
+        """Metric -> (mean over runs, sample std over runs; 0 for one run), for metrics every run has."""
+        names = [k for k in self.results[0].stats if all(k in r.stats for r in self.results)]
+        out = {}
+        for k in names:
+            values = [r.stats[k][0] for r in self.results]
+            out[k] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+        return out
+
+    def summary(self) -> str:
+        mean, std = self.stats()[self.metric]
+        return (
+            f"test {self.metric} over {len(self.results)} seeds: {_fmt(self.metric, mean, std)} "
+            f"(mean +- sample std over seeds)"
+        )
+
+    def table(self) -> str:
+        rows = [
+            f"seed {s:>4}  {_fmt(self.metric, r.mean, r.ci)} (95% CI, {r.episodes} episodes)  {n}"
+            for n, s, r in zip(self.names, self.seeds, self.results)
+        ]
+        rows += [f"{k:>16}  {_fmt(k, m, s)}" for k, (m, s) in self.stats().items()]
+        return "\n".join(rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        stats = self.stats()
+        return {
+            "metric": self.metric, "runs": self.names, "seeds": self.seeds,
+            "results": [r.to_dict() for r in self.results],
+            "stats": stats, "mean": stats[self.metric][0], "std": stats[self.metric][1],
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())

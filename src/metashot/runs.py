@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import io
+import json
 import os
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -23,7 +24,7 @@ import torch
 
 from metashot.config import Config, check_device, option_name
 from metashot.errors import CheckpointError, ConfigError, RunFolderError
-from metashot.evaluate import Result
+from metashot.evaluate import Result, SeedSummary
 from metashot.io import atomic_write, atomic_write_text
 
 if TYPE_CHECKING:
@@ -222,3 +223,36 @@ def evaluate_run(
     result = evaluate(method, source.loader("test", cfg.test_episodes, seed=cfg.seed), cfg.device, progress)
     folder.write_result(result, f"result-{cfg.ways}w{cfg.shots}s.json" if changes else "result.json")
     return result
+
+
+# What runs of one recipe over several seeds may differ in besides the seed.
+SEED_FREE = ("seed", "device", "data_dir")
+
+
+def summarize_runs(run_dirs: list[str | Path]) -> SeedSummary:
+    """The tested runs ``run_dirs`` of one recipe over seeds, summarised; an error names any field
+    besides the seed (and device and data folder) in which two runs differ, or a run not yet tested."""
+    configs, results = [], []
+    for run_dir in run_dirs:
+        folder = RunFolder(run_dir)
+        cfg = folder.load_config()
+        configs.append(cfg.replace(split_seed=cfg.class_split_seed).to_dict())
+        path = folder.path / "result.json"
+        try:
+            results.append(Result.from_dict(json.loads(path.read_text())))
+        except FileNotFoundError:
+            raise RunFolderError(
+                f"{run_dir}: no result.json; finish the run or `metashot evaluate {run_dir}`"
+            ) from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise RunFolderError(f"{path}: not a metashot result ({e})") from None
+    first = configs[0]
+    for run_dir, cfg in zip(run_dirs[1:], configs[1:]):
+        differ = [k for k in cfg if k not in SEED_FREE and cfg[k] != first[k]]
+        if differ:
+            what = ", ".join(f"{k} ({json.dumps(first[k])} vs {json.dumps(cfg[k])})" for k in differ)
+            raise ConfigError(f"{run_dirs[0]} and {run_dir} differ in more than the seed: {what}")
+    seeds = [cfg["seed"] for cfg in configs]
+    if len(set(seeds)) < len(seeds):
+        raise ConfigError(f"two runs have the same seed ({seeds}); summarize runs of different seeds")
+    return SeedSummary([str(d) for d in run_dirs], seeds, results)

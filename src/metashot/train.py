@@ -55,13 +55,20 @@ def keep_freed_memory() -> bool:
 
 
 def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    """The learning-rate schedule ``cfg.schedule``, stepped once per optimizer step."""
+    """torch's schedule ``cfg.schedule``, stepped once per optimizer step, after ``cfg.warmup`` steps
+    of linear warm-up (factor (k + 1) / (warmup + 1) at step k)."""
     lr = torch.optim.lr_scheduler
+    after = cfg.steps - cfg.warmup
     if cfg.schedule == "step":
-        return lr.StepLR(optimizer, cfg.lr_step, cfg.lr_gamma)
-    if cfg.schedule == "cosine":
-        return lr.CosineAnnealingLR(optimizer, cfg.steps)
-    return lr.LambdaLR(optimizer, lambda _: 1.0)
+        main: lr.LRScheduler = lr.StepLR(optimizer, cfg.lr_step, cfg.lr_gamma)
+    elif cfg.schedule == "cosine":
+        main = lr.CosineAnnealingLR(optimizer, max(after, 1), eta_min=cfg.lr_min)
+    else:
+        main = lr.LambdaLR(optimizer, lambda _: 1.0)
+    if not cfg.warmup:
+        return main
+    warm = lr.LinearLR(optimizer, 1 / (cfg.warmup + 1), total_iters=cfg.warmup)
+    return lr.SequentialLR(optimizer, [warm, main], milestones=[cfg.warmup])
 
 
 class Trainer:
@@ -110,7 +117,7 @@ class Trainer:
         self.source = source or self.world.first(lambda: checked_source(cfg))
         self.method = build_method(cfg, self.source.info).to(self.device)
         self.running_stats = RunningStats(self.method, self.world)
-        self.optimizer = torch.optim.Adam(self.method.parameters(), lr=cfg.lr)
+        self.optimizer = cfg.make_optimizer(self.method.parameters())
         self.scheduler = make_scheduler(cfg, self.optimizer)
         self.step = 0
         self.elapsed = 0.0
