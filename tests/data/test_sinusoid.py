@@ -49,6 +49,6 @@ def test_sinusoid_source_and_presets() -> None:
     assert five.method_args == {"inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": 3}
     assert twenty.meta_batch == 16
     assert (twenty.method_args["inner_steps"], twenty.method_args["inner_lr"]) == (5, 0.1)
-    assert five.queries == five.shots == 1 and five.test_episodes == 600 and five.lr_step > five.steps
+    assert five.queries == five.shots == 1 and five.test_episodes == 600 and five.schedule == "constant"
 
 
