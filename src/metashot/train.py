@@ -194,6 +194,17 @@ class Trainer:
     def validate(self) -> Result:
         return self._evaluate("val", self.cfg.val_episodes)
 
+    def _tune(self) -> None:
+        """Let the method measure its fastest way on a training and a validation batch of this run's
+        shapes; rank 0's choice holds on every rank, and no RNG state moves."""
+        c = self.cfg
+        train = next(iter(self._loader("train", c.meta_batch))).to(self.device)
+        val = next(iter(self._loader("val", c.meta_batch))).to(self.device)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices):
+            choice = self.method.tune(train, val)
+        self.method.use_tuning(self.world.broadcast(choice))
+
     def fit(self) -> Method:
         """Train to ``cfg.steps`` steps (or ``cfg.max_minutes``), validating and checkpointing every
         ``cfg.val_every``. SIGINT or SIGTERM saves ``last.pt`` at once and stops; ``--resume`` goes on."""
@@ -205,6 +216,8 @@ class Trainer:
             print(f"metashot: {self.run_dir} has no checkpoint yet; starting its training from step 0",
                   file=sys.stderr)
         keep_freed_memory()
+        if not self.finished:
+            self._tune()
         previous = self._handle_signals()
         loader = self._loader("train", c.steps * c.meta_batch, start=self.step * c.meta_batch)
         bar = tqdm(total=c.steps, initial=self.step, desc=f"train {c.method}", unit="step",

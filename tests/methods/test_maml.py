@@ -15,7 +15,7 @@ from metashot.batches import Episode, TaskInfo
 from metashot.config import Config
 from metashot.methods import METHODS
 from metashot.methods.maml import MAML, MAMLRegression
-from metashot.nn.backbones import Conv4
+from metashot.nn.backbones import MLP, Conv4
 from metashot.train import Trainer
 
 
@@ -281,3 +281,125 @@ def test_config_roundtrip_for_maml(tmp_path: Path) -> None:
     cfg = presets.get("maml-sinusoid")
     cfg.save(tmp_path / "config.json")
     assert Config.load(tmp_path / "config.json") == cfg
+
+
+# -- backbones ---------------------------------------------------------------------------------------
+SMALL_RESNET = {"widths": [4, 6, 8, 10]}  # ResNet-12's blocks, narrow: fast enough for finite differences
+
+
+@pytest.mark.parametrize("kind", ["transductive", "inductive", "regression"])
+def test_default_networks_keep_the_parameter_names_and_initialisation_of_saved_runs(kind: str) -> None:
+    # the networks as MAML.build made them before backbones were a registry: checkpoints of those runs
+    # must load, and a seed must give the same initial weights
+    torch.manual_seed(0)
+    if kind == "regression":
+        info, kwargs = TaskInfo((1,), 1, 1, regression=True), {}
+        old: nn.Module = MLP([1, 40, 40, 1])
+    else:
+        info, kwargs = TaskInfo((1, 28, 28), 5, 5), {"batch_norm": kind}
+        conv = Conv4(1, 64, 64, strided=True, track_running_stats=kind == "inductive")
+        old = nn.Sequential(*list(conv)[:-1], nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 5))
+    torch.manual_seed(0)
+    new = MAML.build(info, **kwargs).model
+    saved, built = old.state_dict(), new.state_dict()
+    assert list(built) == list(saved)
+    assert all(torch.equal(built[k], saved[k]) for k in saved)
+    first, head = ("0", "4") if kind == "regression" else ("0.0", "6")
+    assert list(built)[:2] == [f"{first}.weight", f"{first}.bias"]
+    assert list(built)[-2:] == [f"{head}.weight", f"{head}.bias"]
+    assert ("3.1.running_var" in built) == (kind == "inductive")
+
+
+def test_resnet12_second_order_meta_gradient_matches_finite_differences() -> None:
+    torch.manual_seed(0)
+    info = TaskInfo((1, 16, 16), 2, 2)  # four 2x2 max-pools: 16 -> 1
+    method = MAML.build(info, backbone="resnet12", backbone_args=SMALL_RESNET, inner_lr=0.5,
+                        tasks="loop").double()
+    first = MAML(method.model, inner_lr=0.5, first_order=True, tasks="loop")
+    batch = _images(1, 2, 1, 1, size=16, dtype=torch.float64)  # 2-way 1-shot, 1 query per class
+    fo = dict(zip([n for n, _ in method.named_parameters()], _meta_grad(first, batch).split(
+        [p.numel() for p in method.parameters()])))
+    _meta_grad(method, batch)
+    named = dict(method.named_parameters())
+    # a first conv, a shortcut, a batch-norm scale (meta-learned, not adapted), a last-block conv, the head
+    for name in ["model.0.body.0.weight", "model.1.shortcut.0.weight", "model.2.body.4.weight",
+                 "model.3.body.3.weight", "model.6.weight"]:
+        p = named[name]
+        at = (0,) * p.dim()
+        eps = 1e-6
+        values = []
+        for sign in (1, -1):
+            with torch.no_grad():
+                p[at] += sign * eps
+            values.append(method.loss(batch)[0].item())
+            with torch.no_grad():
+                p[at] -= sign * eps
+        fd = (values[0] - values[1]) / (2 * eps)
+        assert p.grad[at].item() == pytest.approx(fd, rel=1e-6), name
+        assert abs(fo[name].view(p.shape)[at].item() - fd) > 1e-2 * abs(fd), name  # second order counts
+
+
+def test_resnet12_vmap_and_loop_give_the_same_meta_gradient_with_batch_statistics() -> None:
+    torch.manual_seed(0)
+    method = MAML.build(TaskInfo((1, 16, 16), 2, 2), backbone="resnet12", backbone_args=SMALL_RESNET,
+                        tasks="loop").double()
+    batch = _images(2, 2, 1, 1, size=16, dtype=torch.float64)
+    loop = _meta_grad(method, batch)
+    method.tasks = "vmap"
+    assert _rel(_meta_grad(method, batch), loop) < 1e-9
+
+
+def test_resnet12_batch_norm_buffers_and_per_step_sets_go_through_functional_call() -> None:
+    torch.manual_seed(0)
+    info = TaskInfo((1, 16, 16), 2, 2)
+    batch = _images(2, 2, 1, 1, size=16)
+    transductive = MAML.build(info, backbone="resnet12", backbone_args=SMALL_RESNET)
+    assert not any("running" in k for k in transductive.state_dict())
+    # inductive: every block's batch-norm layers, shortcut ones included, keep running statistics
+    inductive = MAML.build(info, backbone="resnet12", backbone_args=SMALL_RESNET, batch_norm="inductive")
+    norms = [m for m in inductive.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 16
+    before = [m.running_mean.clone() for m in norms]
+    inductive.loss(batch)[0].backward()
+    assert all(not torch.equal(b, m.running_mean) for b, m in zip(before, norms))
+    # MAML++'s per-step batch norm: a scale and shift per step for all 16 layers, all meta-learned
+    mamlpp = MAML.build(info, backbone="resnet12", backbone_args=SMALL_RESNET, inner_steps=2,
+                        per_step_bn=True, learned_lr="lslr")
+    assert len(mamlpp.step_norm.replaced()) == 32
+    mamlpp.loss(batch)[0].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mamlpp.step_norm.parameters())
+
+
+class _Body(nn.Module):
+    """A user's body that is not a plain nn.Sequential: MAML keeps it whole, the head after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, stride=2)
+        self.norm = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x)).relu().mean((2, 3))
+
+
+def body(input_shape: tuple[int, ...]) -> nn.Module:
+    return _Body()
+
+
+@pytest.mark.parametrize(("backbone", "args", "head"), [
+    ("conv4", {"hidden": 8}, "5"),  # four blocks, flatten, head
+    ("conv4-strided", {"hidden": 8}, "6"),
+    ("resnet12", SMALL_RESNET, "6"),  # four blocks, pooling, flatten, head
+    ("mlp", {"hidden": 8}, "5"),  # flatten, linear, relu, linear, relu, head
+    ("tests.methods.test_maml:body", {}, "1"),
+])
+def test_anil_finds_the_head_on_every_backbone(backbone: str, args: dict, head: str) -> None:
+    torch.manual_seed(0)
+    method = MAML.build(TaskInfo((1, 16, 16), 3, 3), backbone=backbone, backbone_args=args,
+                        inner_params="head", inner_lr=0.4)
+    assert method.adapted == [f"{head}.weight", f"{head}.bias"]
+    assert method.model[-1].out_features == 3
+    assert not any(m.track_running_stats for m in method.modules() if isinstance(m, nn.BatchNorm2d))
+    batch = _images(2, 3, 1, 2, size=16)
+    method.loss(batch)[0].backward()
+    assert all(p.grad is not None for p in method.parameters())

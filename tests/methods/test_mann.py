@@ -124,6 +124,28 @@ def test_registered_and_built_from_task_info() -> None:
     assert (model.input_size, model.label_groups, model.label_values) == (400, 5, 5)
     lstm = LSTMBaseline.build(SequenceTaskInfo((1, 20, 20), 5, 5, label_values=5), hidden=16)
     assert lstm.memory is None and lstm.classifier.out_features == 5
+    assert model.encoder is None and lstm.encoder is None  # raw pixels, as in the paper
+
+
+@pytest.mark.parametrize("kind", [MANN, LSTMBaseline])
+def test_a_backbone_encodes_every_image_of_a_batch_in_one_call(kind: type[MANN]) -> None:
+    torch.manual_seed(0)
+    info = SequenceTaskInfo((1, 4, 4), 3, 3, label_values=3)
+    model = kind.build(info, backbone="mlp", backbone_args={"hidden": 6}, hidden=12, slots=8, width=5)
+    reads = model.memory.read_size if model.memory is not None else 0
+    assert model.input_size == 6 and model.controller.input_size == 6 + 3 + reads
+    calls: list[torch.Size] = []
+    model.encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+    batch = _random_batch(b=3, classes=3, instances=4)
+    loss, _ = model.loss(batch)
+    loss.backward()
+    assert calls == [(3 * 12, 1, 4, 4)]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+    # the controller reads each step's features, then the label of the step before
+    features = model.encoder(batch.x.flatten(0, 1)).view(3, 12, 6)
+    torch.testing.assert_close(model.inputs(batch.x, batch.y)[..., :6], features)
+    with pytest.raises(ValueError, match="backbone_args {'hidden': 6} need a backbone; MANN has none"):
+        MANN.build(info, backbone_args={"hidden": 6})
 
 
 @pytest.mark.slow

@@ -197,6 +197,24 @@ def test_registered_and_built_from_task_info() -> None:
     assert torch.equal(bn.running_mean, torch.zeros(32)) and int(bn.num_batches_tracked) == 0
 
 
+@pytest.mark.parametrize(("backbone", "args", "dim"), [
+    ("resnet12", {"widths": [4, 6, 8, 10]}, 10),
+    ("conv4-strided", {"hidden": 12}, 12),
+    ("mlp", {"hidden": 7, "depth": 1}, 7),
+])
+def test_the_kernels_width_is_measured_on_any_backbone(backbone: str, args: dict, dim: int) -> None:
+    torch.manual_seed(0)
+    info = TaskInfo((3, 16, 16), 3, 3)
+    net = MatchingNetwork.build(info, backbone=backbone, backbone_args=args, fce=True, processing_steps=2)
+    assert net.kernel.dim == dim and net.kernel.query_cell.hidden_size == dim and net.encoder.training
+    ep = Episode(torch.rand(2, 3, 3, 16, 16), torch.arange(3).repeat(2, 1),
+                 torch.rand(2, 6, 3, 16, 16), torch.arange(3).repeat_interleave(2).repeat(2, 1))
+    loss, metrics = net.loss(ep)
+    loss.backward()
+    assert metrics["acc"].shape == (2,)
+    assert all(p.grad is not None for p in net.encoder.parameters())
+
+
 @pytest.mark.slow
 def test_short_omniglot_run_reaches_85_percent(
     omniglot_dir: Path, omniglot: Omniglot, tmp_path: Path

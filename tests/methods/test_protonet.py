@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from metashot.batches import Episode
+from metashot.batches import Episode, TaskInfo
 from metashot.methods.protonet import ProtoNet, prototype_logits, prototypes
+from metashot.nn import Conv4, ResNet12
 
 
 def _episode() -> Episode:
@@ -55,3 +56,18 @@ def test_gradients_reach_the_encoder() -> None:
     loss.backward()
     assert metrics["acc"].shape == (2,) and metrics["loss"].shape == (2,)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.encoder.parameters())
+
+
+def test_built_on_the_papers_conv4_or_on_a_registry_backbone() -> None:
+    torch.manual_seed(0)
+    net = ProtoNet.build(TaskInfo((1, 28, 28), 5, 5))
+    assert type(net.encoder) is Conv4 and ProtoNet.default_backbone == "conv4"
+    assert sum(p.numel() for p in net.encoder.parameters()) == (9 * 64 + 64 + 2 * 64) + 3 * (
+        9 * 64 * 64 + 64 + 2 * 64)
+    net = ProtoNet.build(TaskInfo((3, 16, 16), 5, 5), backbone="resnet12",
+                         backbone_args={"widths": [4, 6, 8, 10], "drop_rate": 0.1, "dropblock_size": 2})
+    assert type(net.encoder) is ResNet12
+    ep = Episode(torch.rand(1, 5, 3, 16, 16), torch.arange(5).view(1, 5),
+                 torch.rand(1, 10, 3, 16, 16), torch.arange(5).repeat_interleave(2).view(1, 10))
+    net.loss(ep)[0].backward()
+    assert all(p.grad is not None for p in net.encoder.parameters())

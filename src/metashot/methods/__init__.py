@@ -20,12 +20,13 @@ METHODS: dict[str, type[Method]] = {
 
 
 def build_method(cfg: Config, info: TaskInfo) -> Method:
-    """The config's method built for tasks ``info`` with its ``method_args``."""
+    """The config's method built for tasks ``info`` with its ``method_args``, on the config's backbone
+    (built with ``backbone_args``; null: the method's own)."""
     name, args = cfg.method, cfg.method_args
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
     try:
-        return METHODS[name].build(info, **args)
+        return METHODS[name].build(info, backbone=cfg.backbone, backbone_args=cfg.backbone_args, **args)
     except TypeError as e:
         if "keyword argument" not in str(e):
             raise

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from metashot.batches import TaskInfo
+from metashot.nn.backbones import make_backbone
 
 
 class Method(nn.Module, ABC):
@@ -21,15 +22,48 @@ class Method(nn.Module, ABC):
 
     metric: ClassVar[str] = "acc"
     maximize: ClassVar[bool] = True
+    default_backbone: ClassVar[str | None] = None  # the paper's network, a name in metashot.nn.BACKBONES
 
     @classmethod
-    def build(cls, info: TaskInfo, **kwargs: Any) -> Method:
-        """Construct the method for tasks described by ``info``; ``kwargs`` come from the config."""
+    def build(
+        cls, info: TaskInfo, backbone: str | None = None, backbone_args: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Method:
+        """Construct the method for tasks described by ``info``; ``backbone`` (a name in
+        :data:`metashot.nn.BACKBONES` or ``package.module:factory``; None: ``default_backbone``) built
+        with ``backbone_args``, and ``kwargs``, come from the config. This default takes no backbone."""
+        if backbone is not None or backbone_args:
+            raise ValueError(f"{cls.__name__} has no backbone to build")
         return cls(**kwargs)
+
+    @classmethod
+    def build_backbone(
+        cls, info: TaskInfo, backbone: str | None, backbone_args: dict[str, Any] | None, **defaults: Any
+    ) -> nn.Module | None:
+        """The backbone ``backbone`` (None: ``default_backbone``; both None: no backbone) for examples of
+        ``info.input_shape``, with ``backbone_args`` over ``defaults`` (method args such as ``hidden``;
+        None values are left out)."""
+        name = backbone or cls.default_backbone
+        if name is None:
+            if backbone_args:
+                raise ValueError(f"backbone_args {backbone_args} need a backbone; {cls.__name__} has none")
+            return None
+        args = {k: v for k, v in defaults.items() if v is not None} | (backbone_args or {})
+        return make_backbone(name, info.input_shape, **args)
 
     @abstractmethod
     def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Scalar training loss and per-task metrics, each of shape [B]."""
+
+    def tune(self, train: Any, test: Any) -> Any:
+        """Measure, as cudnn.benchmark does, how to run a training batch and a test batch fastest;
+        return the choice (plain data) for :meth:`use_tuning`, or None when there is nothing to choose.
+        The trainer calls it once before training, with RNG state restored after, and applies rank 0's
+        choice on every rank. Default: nothing to choose."""
+        return None
+
+    def use_tuning(self, choice: Any) -> None:
+        """Apply a choice :meth:`tune` returned (possibly on another process)."""
 
     def on_step(self, step: int) -> None:
         """Called by the trainer before training step ``step`` (0-based, counting optimizer steps), for

@@ -71,7 +71,6 @@ is the plain MAML above):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -84,7 +83,7 @@ from torch.overrides import TorchFunctionMode
 from metashot.batches import Episode, TaskInfo
 from metashot.methods.base import Method
 from metashot.methods.inner_loop import PerStepBatchNorm, msl_weights, recomputed
-from metashot.nn.backbones import MLP, Conv4
+from metashot.nn.backbones import feature_size
 
 Params = dict[str, torch.Tensor]
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
@@ -129,6 +128,16 @@ class PlainBatchNorm(TorchFunctionMode):
         if func is F.batch_norm:
             return _plain_batch_norm(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def batch_statistics(model: nn.Module) -> nn.Module:
+    """``model`` with every batch-norm layer as if built with ``track_running_stats=False`` (normalising
+    with each batch's statistics, no running statistics kept): transductive batch norm on any network."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+    return model
 
 
 def _under(name: str, prefix: str) -> bool:
@@ -298,36 +307,35 @@ class MAML(Method):
         }
 
     # -- construction -------------------------------------------------------------------------
+    default_backbone: ClassVar[str | None] = "conv4-strided"
+
     @classmethod
     def build(
         cls,
         info: TaskInfo,
-        inner_lr: float | None = None,
+        backbone: str | None = None,
+        backbone_args: dict[str, Any] | None = None,
         hidden: int | None = None,
         **kwargs: Any,
     ) -> Method:
-        """The paper's networks: for images, Conv4 with stride-2 convolutions (no max-pooling),
-        batch norm, global average pooling and a linear layer to ``ways`` logits; for regression
-        tasks an MLP 1-40-40-1 (``hidden`` sets the widths: 64 and 40 by default).
-        """
+        """The backbone, then a linear layer to ``ways`` outputs. By default the paper's networks: for
+        images the strided Conv4 with global average pooling (64 wide), for regression tasks
+        (:class:`MAMLRegression`) the MLP 1-40-40 (``hidden`` sets the width). With the default
+        ``batch_norm="transductive"`` the backbone's batch-norm layers use batch statistics."""
         if info.train_ways != info.ways and not info.regression:
             raise ValueError(
                 f"MAML's classifier has one output per class: train ways ({info.train_ways}) must "
                 f"equal test ways ({info.ways})"
             )
-        if info.regression:
-            width = hidden or 40
-            dim = math.prod(info.input_shape)
-            return MAMLRegression(
-                MLP([dim, width, width, info.ways]), 0.01 if inner_lr is None else inner_lr, **kwargs
-            )
-        width = hidden or 64
-        inductive = kwargs.get("batch_norm", "transductive") == "inductive"
-        conv = Conv4(info.input_shape[0], width, width, strided=True, track_running_stats=inductive)
-        model = nn.Sequential(
-            *list(conv)[:-1], nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, info.ways)
-        )
-        return cls(model, 0.4 if inner_lr is None else inner_lr, **kwargs)
+        kind = MAMLRegression if info.regression else cls
+        body = kind.build_backbone(info, backbone, backbone_args, hidden=hidden)
+        if kwargs.get("batch_norm", "transductive") == "transductive":
+            batch_statistics(body)
+        head = nn.Linear(feature_size(body, info.input_shape), info.ways)
+        # a plain Sequential body is spliced in, so the paper networks' parameter names stay those of
+        # the runs saved before backbones were separate (model.0.0.weight, ..., model.6.weight)
+        plain = isinstance(body, nn.Sequential) and type(body).forward is nn.Sequential.forward
+        return kind(nn.Sequential(*(body if plain else [body]), head), **kwargs)
 
     # -- schedules ------------------------------------------------------------------------------
     def on_step(self, step: int) -> None:
@@ -437,9 +445,9 @@ class MAML(Method):
             return torch.stack(outs) if record_from is not None else outs[0]
 
         fast0 = {n: params[n] for n in self.adapted}
-        with PlainBatchNorm():
-            out = torch.vmap(task, in_dims=(None, 0, 0, 0))(fast0, batch.support, batch.support_labels,
-                                                             batch.query)
+        with PlainBatchNorm():  # randomness: each task draws its own dropout (DropBlock) masks
+            out = torch.vmap(task, in_dims=(None, 0, 0, 0), randomness="different")(
+                fast0, batch.support, batch.support_labels, batch.query)
         return out
 
     def _use_vmap(self, batch: Episode) -> bool:
@@ -548,6 +556,7 @@ class MAMLRegression(MAML):
 
     metric: ClassVar[str] = "mse"
     maximize: ClassVar[bool] = False
+    default_backbone: ClassVar[str | None] = "mlp"
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, **kwargs: Any) -> None:
         super().__init__(model, inner_lr, **kwargs)
@@ -559,4 +568,4 @@ class MAMLRegression(MAML):
         return {"mse": (pred - target).square().flatten(1).mean(1)}
 
 
-__all__ = ["MAML", "MAMLRegression", "PlainBatchNorm", "split_params"]
+__all__ = ["MAML", "MAMLRegression", "PlainBatchNorm", "batch_statistics", "split_params"]

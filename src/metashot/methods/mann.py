@@ -5,7 +5,9 @@ label of each example arrives one step late) and the memory's reads r_{t-1}; the
 (:mod:`metashot.nn.memory`) is written and read from its output h_t; a linear classifier on
 [h_t, r_t] predicts y_t. The loss is the cross-entropy summed over the T steps (and over the five
 characters of string labels), averaged over the episodes of the batch. ``memory=False`` is the
-paper's LSTM baseline: the same controller and classifier without memory (``LSTMBaseline``).
+paper's LSTM baseline: the same controller and classifier without memory (``LSTMBaseline``). The
+controller reads raw pixels, as in the paper, or, with a backbone, each image's features (all B * T
+images of a batch encoded in one call).
 
 Metrics, per episode: "acc" over all steps, and "acc_n" over the steps that show a class for the
 n-th time (n in ``instances``, 1, 2, 3, 4, 5, 10 by default, as the paper's tables); a string label
@@ -15,7 +17,7 @@ is right when all five characters are.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,7 @@ from torch import nn
 
 from metashot.batches import SequenceTaskInfo, TaskInfo
 from metashot.methods.base import Method
+from metashot.nn.backbones import feature_size
 from metashot.nn.memory import LRUAMemory
 
 INSTANCES = (1, 2, 3, 4, 5, 10)
@@ -32,7 +35,7 @@ class MANN(Method):
     """A memory-augmented LSTM that classifies a sequence of examples as their labels arrive.
 
     Args:
-        input_size: the flattened image width (400 for 20 x 20).
+        input_size: the flattened image width (400 for 20 x 20), or the encoder's feature size D.
         label_groups, label_values: labels are ``label_groups`` categorical variables of
             ``label_values`` values (one-hot with C classes: 1, C; five-character strings: 5, 5).
         hidden: the controller LSTM's width (200).
@@ -44,10 +47,13 @@ class MANN(Method):
             episodes on Omniglot in our runs.
         forget_bias: added to the controller's forget-gate bias at initialisation.
         instances: the presentations n reported as "acc_n".
+        encoder: maps images [M, C, H, W] to features [M, D] (None: the raw pixels, the paper's).
 
     Batches are :class:`~metashot.batches.SequenceBatch` (x [B, T, ...], y [B, T] or
     [B, T, G], instance [B, T]).
     """
+
+    default_backbone: ClassVar[str | None] = None  # raw pixels, as in the paper
 
     def __init__(
         self,
@@ -64,8 +70,10 @@ class MANN(Method):
         strength: float = 10.0,
         forget_bias: float = 1.0,
         instances: tuple[int, ...] | list[int] = INSTANCES,
+        encoder: nn.Module | None = None,
     ) -> None:
         super().__init__()
+        self.encoder = encoder
         self.input_size, self.hidden = input_size, hidden
         self.label_groups, self.label_values = label_groups, label_values
         self.instances = tuple(instances)
@@ -82,17 +90,25 @@ class MANN(Method):
             self.controller.bias_hh_l0[hidden:2 * hidden] += forget_bias
 
     @classmethod
-    def build(cls, info: TaskInfo, **kwargs: Any) -> MANN:
+    def build(
+        cls, info: TaskInfo, backbone: str | None = None, backbone_args: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> MANN:
         if not isinstance(info, SequenceTaskInfo):
             raise ValueError("trains on sequence tasks (--task omniglot-sequences), not episodes")
-        kwargs.setdefault("input_size", math.prod(info.input_shape))
+        encoder = cls.build_backbone(info, backbone, backbone_args)
+        size = math.prod(info.input_shape) if encoder is None else feature_size(encoder, info.input_shape)
+        kwargs.setdefault("input_size", size)
         kwargs.setdefault("label_groups", info.label_groups)
         kwargs.setdefault("label_values", info.label_values)
-        return cls(**kwargs)
+        return cls(encoder=encoder, **kwargs)
 
     def inputs(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """[B, T, D + G * K]: each image with the one-hot label of the step before (zeros at t = 0)."""
+        """[B, T, D + G * K]: each image x [B, T, ...] (its pixels, or its features) with the one-hot label
+        of the step before (zeros at t = 0)."""
         b, t = y.shape[:2]
+        if self.encoder is not None:
+            x = self.encoder(x.flatten(0, 1))
         onehot = F.one_hot(y.reshape(b, t, -1), self.label_values).flatten(2).to(x.dtype)
         previous = F.pad(onehot[:, :-1], (0, 0, 1, 0))
         return torch.cat([x.reshape(b, t, -1), previous], dim=2)

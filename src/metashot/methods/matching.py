@@ -5,7 +5,8 @@ a(x^, x_i) = exp(c(f(x^), g(x_i))) / sum_j exp(c(f(x^), g(x_j))), c the cosine s
 minimises -log P(y | x^, S) of that attention-summed probability (eq. 3), which is what
 :class:`~metashot.methods.kernel.MetricMethod` does.
 
-Without full context embeddings (FCE), f = g = the Conv4 embedding. With FCE (appendix A):
+Without full context embeddings (FCE), f = g = the embedding network (the paper's Conv4). With FCE
+(appendix A):
 
 - g(x_i, S) = h_fwd_i + h_bwd_i + g'(x_i), a bidirectional LSTM over the embedded support set with a
   skip connection (A.2);
@@ -19,6 +20,8 @@ The LSTM whose hidden state is the concatenation [h, r] is an ``nn.LSTMCell`` wh
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,7 +29,7 @@ from torch import nn
 from metashot.batches import TaskInfo
 from metashot.methods.base import Method
 from metashot.methods.kernel import MetricMethod
-from metashot.nn.backbones import Conv4
+from metashot.nn.backbones import feature_size, make_backbone
 
 
 class MatchingKernel(nn.Module):
@@ -78,11 +81,13 @@ class MatchingKernel(nn.Module):
 
 
 class MatchingNetwork(MetricMethod):
-    """Matching Networks: the metric rule with the attention kernel on a Conv4 embedding.
+    """Matching Networks: the metric rule with the attention kernel on an embedding network.
 
-    encoder maps [M, C, H, W] to [M, D] (Conv4 by default, D = 64); see :class:`MatchingKernel`
-    for fce, processing_steps and scale.
+    encoder maps [M, C, H, W] to [M, dim] (by default the paper's Conv4 for 1-channel images, D = 64);
+    see :class:`MatchingKernel` for fce, processing_steps and scale.
     """
+
+    default_backbone: ClassVar[str | None] = "conv4"
 
     def __init__(
         self,
@@ -93,7 +98,7 @@ class MatchingNetwork(MetricMethod):
         scale: float = 1.0,
     ) -> None:
         super().__init__(
-            encoder if encoder is not None else Conv4(),
+            encoder if encoder is not None else make_backbone(self.default_backbone, (1, 28, 28)),
             MatchingKernel(fce, dim, processing_steps, scale),
         )
 
@@ -101,13 +106,13 @@ class MatchingNetwork(MetricMethod):
     def build(
         cls,
         info: TaskInfo,
+        backbone: str | None = None,
+        backbone_args: dict[str, Any] | None = None,
         fce: bool = False,
         processing_steps: int = 5,
-        hidden: int = 64,
+        hidden: int | None = None,
         scale: float = 1.0,
     ) -> Method:
-        encoder = Conv4(info.input_shape[0], hidden, hidden)
-        with torch.no_grad():  # D = hidden * the spatial size left (1x1 on 28x28); eval: stats untouched
-            dim = encoder.eval()(torch.zeros(1, *info.input_shape)).shape[-1]
-        encoder.train()
-        return cls(encoder, fce, processing_steps, dim, scale)
+        """``hidden``: the backbone's width (its ``hidden`` argument); the kernel's D is measured."""
+        encoder = cls.build_backbone(info, backbone, backbone_args, hidden=hidden)
+        return cls(encoder, fce, processing_steps, feature_size(encoder, info.input_shape), scale)

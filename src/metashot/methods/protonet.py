@@ -7,6 +7,8 @@ As a kernel of the metric rule, k(x, x_i) = P(y = y_i | x) / |S_{y_i}|.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,7 +16,7 @@ from torch import nn
 from metashot.batches import Episode, TaskInfo
 from metashot.methods.base import Method
 from metashot.methods.kernel import MetricMethod
-from metashot.nn.backbones import Conv4
+from metashot.nn.backbones import make_backbone
 
 
 def prototypes(support: torch.Tensor, support_labels: torch.Tensor, ways: int) -> torch.Tensor:
@@ -60,17 +62,24 @@ class PrototypeKernel(nn.Module):
 class ProtoNet(MetricMethod):
     """Prototypical Networks: the metric rule with the prototype kernel.
 
-    encoder maps [M, C, H, W] to [M, D] (Conv4 by default); distance is "euclidean" (the paper's
-    squared Euclidean) or "cosine".
+    encoder maps [M, C, H, W] to [M, D] (by default the paper's Conv4 for 1-channel images);
+    distance is "euclidean" (the paper's squared Euclidean) or "cosine".
     """
 
+    default_backbone: ClassVar[str | None] = "conv4"
+
     def __init__(self, encoder: nn.Module | None = None, distance: str = "euclidean") -> None:
-        super().__init__(encoder if encoder is not None else Conv4(), PrototypeKernel(distance))
+        encoder = encoder if encoder is not None else make_backbone(self.default_backbone, (1, 28, 28))
+        super().__init__(encoder, PrototypeKernel(distance))
         self.distance = distance
 
     @classmethod
-    def build(cls, info: TaskInfo, distance: str = "euclidean", hidden: int = 64) -> Method:
-        return cls(Conv4(info.input_shape[0], hidden, hidden), distance)
+    def build(
+        cls, info: TaskInfo, backbone: str | None = None, backbone_args: dict[str, Any] | None = None,
+        distance: str = "euclidean", hidden: int | None = None,
+    ) -> Method:
+        """``hidden``: the backbone's width (its ``hidden`` argument; Conv4's 64 by default)."""
+        return cls(cls.build_backbone(info, backbone, backbone_args, hidden=hidden), distance)
 
     def log_probs(self, episode: Episode) -> torch.Tensor:
         # The same numbers as the kernel rule (a test checks it), without the [B, Q, S, N] detour.

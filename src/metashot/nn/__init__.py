@@ -1,5 +1,13 @@
 """Network building blocks."""
 
-from metashot.nn.backbones import MLP, Conv4
+from metashot.nn.backbones import (
+    BACKBONES,
+    MLP,
+    Conv4,
+    DropBlock,
+    ResNet12,
+    feature_size,
+    make_backbone,
+)
 
-__all__ = ["Conv4", "MLP"]
+__all__ = ["BACKBONES", "Conv4", "DropBlock", "MLP", "ResNet12", "feature_size", "make_backbone"]
