@@ -3,6 +3,7 @@ batch-norm modes, and short training runs on sinusoids and real Omniglot."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -403,3 +404,64 @@ def test_anil_finds_the_head_on_every_backbone(backbone: str, args: dict, head: 
     batch = _images(2, 3, 1, 2, size=16)
     method.loss(batch)[0].backward()
     assert all(p.grad is not None for p in method.parameters())
+
+
+# -- tasks="auto": the faster path by measurement ----------------------------------------------------
+def _slowed(fn: object) -> object:
+    def slow(*args: object, **kwargs: object) -> object:
+        time.sleep(0.2)
+        return fn(*args, **kwargs)
+    return slow
+
+
+def test_tune_keeps_the_faster_path_of_each_stage_and_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(0)
+    method = MAML(_small_conv(), inner_lr=0.4, inner_steps=1, test_inner_steps=2)
+    batch = _images(2, 3, 1, 2, size=12, dtype=torch.float64)
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    monkeypatch.setattr(method, "_vmap_adapt", _slowed(method._vmap_adapt))
+    assert method.tune(batch, batch) == {"train": "loop", "test": "loop"}
+    monkeypatch.undo()
+    monkeypatch.setattr(method, "adapt", _slowed(method.adapt))
+    assert method.tune(batch, batch) == {"train": "vmap", "test": "vmap"}
+    assert all(p.grad is None for p in method.parameters()) and method.training
+    for k, v in method.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not method._use_vmap(batch, "train")  # untuned: the CPU rule for convolutions
+    method.use_tuning({"train": "vmap", "test": "loop"})
+    assert method._use_vmap(batch, "train") and not method._use_vmap(batch, "test")
+    assert MAML(_small_conv(), tasks="loop").tune(batch, batch) is None
+
+
+def test_a_path_out_of_memory_loses(monkeypatch: pytest.MonkeyPatch) -> None:
+    method = MAML(_small_conv(), inner_lr=0.4, inner_steps=1)
+    batch = _images(2, 3, 1, 2, size=12, dtype=torch.float64)
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(method, "_vmap_adapt", out_of_memory)
+    assert method.tune(batch, batch) == {"train": "loop", "test": "loop"}
+
+
+def test_the_trainer_tunes_on_the_runs_shapes_and_applies_the_choice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = []
+
+    def tune(self: MAML, train: Episode, test: Episode) -> dict[str, str]:
+        seen.append((tuple(train.support.shape), tuple(test.query.shape), torch.random.get_rng_state()))
+        torch.rand(3)  # the trainer restores the RNG state around tune
+        return {"train": "vmap", "test": "loop"}
+
+    monkeypatch.setattr(MAML, "tune", tune)
+    cfg = presets.get("maml-sinusoid").replace(steps=2, val_every=2, val_episodes=4, test_episodes=4,
+                                               meta_batch=4)
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    state = torch.random.get_rng_state()
+    trainer.fit()
+    assert len(seen) == 1 and seen[0][:2] == ((4, 10, 1), (4, 100, 1))
+    assert torch.equal(seen[0][2], state)
+    assert trainer.method._tuned == {"train": "vmap", "test": "loop"}

@@ -27,10 +27,10 @@ meta-training pass (support and query), and in ``eval()`` mode every example is 
 independently of the other examples of its task.
 
 Tasks of a meta-batch run in a Python loop (``tasks="loop"``) or batched with ``torch.vmap``
-(``tasks="vmap"``). ``"auto"`` picks, as measured on CPU (one thread, 5-way 1-shot, meta-batch 32):
-the loop for models with convolutions (as fast as vmap with the strided Conv4, 1.7x faster with the
-max-pooled one, and 4-20x less memory), vmap for the others (5x faster on the sinusoid MLP), and vmap
-on GPUs, where one batched kernel replaces B small ones (not measured yet). The vmap path
+(``tasks="vmap"``). With ``"auto"`` the trainer has the method time both (:meth:`MAML.tune`, as
+cudnn.benchmark does) on a training and a validation batch of the run's own shapes, threads and device,
+and each stage keeps the faster path that fits the memory budget. Untuned (a method built outside the
+trainer), ``"auto"`` uses the loop for models with convolutions on a CPU and vmap otherwise. The vmap path
 normalises with batch statistics computed by plain tensor operations (:class:`PlainBatchNorm`): on
 torch 2.13, vmap through
 ``F.batch_norm`` gives a wrong second-order meta-gradient when the norm layers' scale and shift are
@@ -71,6 +71,9 @@ is the plain MAML above):
 
 from __future__ import annotations
 
+import math
+import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -138,6 +141,40 @@ def batch_statistics(model: nn.Module) -> nn.Module:
             m.track_running_stats = False
             m.running_mean = m.running_var = m.num_batches_tracked = None
     return model
+
+
+def _seconds(run: Callable[[], object], budget: float, device: torch.device, repeats: int = 2) -> float:
+    """The best time of ``repeats`` calls of ``run`` after one warm-up; infinite if they run out of
+    memory or raise the peak memory past ``budget`` of the GPU's (CUDA) or the machine's (else)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        import resource  # POSIX only, as this branch
+
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
+    best = math.inf
+    try:
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            run()
+            if cuda:
+                torch.cuda.synchronize(device)
+            if i:
+                best = min(best, time.perf_counter() - start)
+    except torch.OutOfMemoryError:
+        return math.inf
+    except RuntimeError as e:  # the CPU allocator's failure is a plain RuntimeError
+        if "allocate" not in str(e):
+            raise
+        return math.inf
+    if cuda:
+        grown = torch.cuda.max_memory_allocated(device)
+    else:
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    return best if grown <= budget * total else math.inf
 
 
 def _under(name: str, prefix: str) -> bool:
@@ -266,6 +303,7 @@ class MAML(Method):
         self.per_task_backward = per_task_backward
         self.adapted, self.kept = split_params(model, adapt_norm, inner_params)
         self._has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+        self._tuned: dict[str, str] = {}  # stage ("train", "test") -> path ("loop", "vmap"), by tune()
         self.learned_lr = learned_lr
         self.msl_steps = msl_steps
         self.first_order_steps = first_order_steps
@@ -450,10 +488,49 @@ class MAML(Method):
                 fast0, batch.support, batch.support_labels, batch.query)
         return out
 
-    def _use_vmap(self, batch: Episode) -> bool:
-        if self.tasks == "auto":  # see the module docstring for the measurements behind this rule
-            return batch.support.device.type != "cpu" or not self._has_conv
-        return self.tasks == "vmap"
+    def _use_vmap(self, batch: Episode, stage: str) -> bool:
+        if self.tasks != "auto":
+            return self.tasks == "vmap"
+        if stage in self._tuned:
+            return self._tuned[stage] == "vmap"
+        return batch.support.device.type != "cpu" or not self._has_conv
+
+    # -- choosing the faster path ---------------------------------------------------------------
+    memory_budget: ClassVar[float] = 0.5  # of the GPU's memory, or of the machine's physical memory
+
+    def tune(self, train: Episode, test: Episode) -> dict[str, str] | None:
+        """With ``tasks="auto"``: time the loop and the vmap path on ``train`` (the loss and its
+        meta-gradient) and on ``test`` (the adaptation :meth:`evaluate` runs), best of two runs after a
+        warm-up, and return the faster per stage, e.g. ``{"train": "vmap", "test": "loop"}``. A path that
+        runs out of memory, or whose peak grows past :attr:`memory_budget`, loses. Nothing is updated:
+        gradients are taken with ``torch.autograd.grad``."""
+        if self.tasks != "auto":
+            return None
+        leaves = self.meta_parameters()
+
+        def train_step() -> None:
+            torch.autograd.grad(self.loss(train)[0], leaves, allow_unused=True)
+
+        def test_step() -> None:
+            self.evaluate(test)
+
+        was_training = self.training
+        choice = {}
+        try:
+            for stage, run, training in (("train", train_step, True), ("test", test_step, False)):
+                self.train(training)
+                seconds = {}
+                for path in ("loop", "vmap"):
+                    self._tuned[stage] = path
+                    seconds[path] = _seconds(run, self.memory_budget, train.support.device)
+                choice[stage] = min(seconds, key=seconds.__getitem__)
+        finally:
+            self.train(was_training)
+            self._tuned = {}
+        return choice
+
+    def use_tuning(self, choice: dict[str, str] | None) -> None:
+        self._tuned = dict(choice or {})
 
     # -- the Method interface -----------------------------------------------------------------
     def loss(self, batch: Episode) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -468,7 +545,7 @@ class MAML(Method):
         steps = self.inner_steps
         first_order = self.first_order or self.train_step < self.first_order_steps
         weights = msl_weights(self.train_step, steps, self.msl_steps)
-        if self._use_vmap(batch):
+        if self._use_vmap(batch, "train"):
             if weights is None:
                 pred = self._vmap_adapt(params, batch, steps, first_order)
                 losses = torch.vmap(self.task_loss)(pred, batch.query_labels)
@@ -521,7 +598,7 @@ class MAML(Method):
         ``test_inner_steps``) inner steps, without meta-gradients: [B, steps + 1, Q, ...]."""
         steps = self.test_inner_steps if steps is None else steps
         params = {n: p.detach().requires_grad_(n in self.adapted) for n, p in self.params().items()}
-        if self._use_vmap(batch):
+        if self._use_vmap(batch, "test"):
             with torch.no_grad():
                 return self._vmap_adapt(params, batch, steps, True, record_from=0)
         per_task = []
