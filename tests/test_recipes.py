@@ -223,3 +223,15 @@ def test_seeds_trains_one_run_per_seed_then_summarizes(omniglot_dir: Path, tmp_p
     saved = [json.loads((tmp_path / "runs" / f"seed{s}" / "result.json").read_text())["mean"] for s in (0, 1)]
     assert out["mean"] == pytest.approx(sum(saved) / 2) and saved[0] != saved[1]
     assert out["mean"] > 0.4  # 20 episodes of training lift 5-way accuracy well above chance (20%)
+
+
+def test_another_optimizer_than_the_presets_starts_from_no_arguments() -> None:
+    def cfg(*args: str) -> Config:
+        return cli.config_from_args(cli.parser().parse_args(["train", "mann", *args]))
+
+    assert cfg().optimizer == "rmsprop" and cfg().optimizer_args == {"alpha": 0.95, "momentum": 0.9}
+    adam = cfg("--optimizer", "adam", "--lr", "3e-3")
+    assert (adam.optimizer, adam.optimizer_args, adam.lr) == ("adam", {}, 3e-3)
+    assert cfg("--optimizer-args", '{"momentum": 0.5}').optimizer_args == {"alpha": 0.95, "momentum": 0.5}
+    sgd = cfg("--optimizer", "sgd", "--optimizer-args", '{"momentum": 0.9}')
+    assert sgd.optimizer_args == {"momentum": 0.9}

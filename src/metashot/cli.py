@@ -154,13 +154,19 @@ def _takes_string(kind: Any) -> bool:
 def _changes(args: argparse.Namespace, base: Config) -> dict[str, Any]:
     """The config fields the command line sets explicitly, over ``base``."""
     given = [(f.name, v) for f in options() if (v := getattr(args, f.name)) is not None]
+    given += [_parse_set(item) for item in args.set]
+    # another optimizer or backbone than the base's starts from no arguments: the base's are for its own
+    dropped = {f"{kind}_args": {} for kind in ("optimizer", "backbone")
+               if dict(given).get(kind, getattr(base, kind)) != getattr(base, kind)}
+    base = base.replace(**dropped)
     changes: dict[str, Any] = {}
-    for key, value in given + [_parse_set(item) for item in args.set]:
+    for key, value in given:
         # a dict (method_args, task_args) updates the base's: --method-args '{"fce": true}' keeps
         # the preset's other method arguments
         if isinstance(value, dict) and isinstance(current := getattr(base, key), dict):
             value = current | value
         changes[key] = value
+    changes = dropped | changes
     # a changed test shot changes the training shot too (the papers train with the test shot)
     if "shots" in changes:
         changes.setdefault("train_shots", changes["shots"])
