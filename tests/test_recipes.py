@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from metashot import cli
+from metashot import cli, presets
+from metashot.batches import SequenceTaskInfo, TaskInfo
 from metashot.config import Config, options
 from metashot.data.tasks import build_source
 from metashot.errors import ConfigError, RunFolderError
 from metashot.evaluate import Result
+from metashot.methods import build_method
 from metashot.runs import summarize_runs
 from metashot.train import make_scheduler
 
@@ -235,3 +237,20 @@ def test_another_optimizer_than_the_presets_starts_from_no_arguments() -> None:
     assert cfg("--optimizer-args", '{"momentum": 0.5}').optimizer_args == {"alpha": 0.95, "momentum": 0.5}
     sgd = cfg("--optimizer", "sgd", "--optimizer-args", '{"momentum": 0.9}')
     assert sgd.optimizer_args == {"momentum": 0.9}
+
+
+@pytest.mark.parametrize("name", sorted(presets.PRESETS))
+def test_every_preset_validates_names_its_recipe_and_builds(name: str) -> None:
+    cfg = presets.get(name).validate()
+    assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # saved and loaded alike
+    assert cfg.optimizer in ("adam", "rmsprop") and cfg.schedule in ("step", "cosine", "constant")
+    if cfg.task == "sinusoid":
+        info = build_source(cfg).info
+    elif cfg.task == "omniglot-sequences":
+        string = cfg.task_args["labels"] == "string"
+        info = SequenceTaskInfo((1, 20, 20), cfg.ways, cfg.ways, label_groups=5 if string else 1,
+                                label_values=5 if string else cfg.ways)
+    else:
+        info = TaskInfo((1, 28, 28), cfg.ways, cfg.train_ways)
+    method = build_method(cfg, info)
+    assert cfg.make_optimizer(method.parameters()).param_groups[0]["lr"] == cfg.lr
