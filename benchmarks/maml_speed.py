@@ -11,7 +11,8 @@ to metashot's (wall time, and CPU time, which is steadier on a shared machine), 
     python benchmarks/maml_speed.py --iters 3 --warmup 1  # a quick check
     python benchmarks/maml_speed.py --sweep               # metashot's peak memory vs steps and meta-batch
 
-Peers: higher and torchopt (``pip install higher torchopt``); learn2learn if it imports. metashot runs
+Peers: higher and torchopt (``pip install higher torchopt``); learn2learn if it imports (see
+``import_learn2learn`` for the torchvision shim it needs beside a CPU-only torch). metashot runs
 as its trainer runs it, with ``keep_freed_memory()`` (glibc keeps freed buffers); ``--peer-malloc keep``
 gives the peers the same setting, for the ratio of the algorithms alone.
 """
@@ -35,7 +36,39 @@ from torch import nn
 
 CASES = ["metashot-loop", "metashot-loop-graph", "metashot-vmap", "torch-loop", "higher", "torchopt",
          "learn2learn"]
+# on request only (--cases): the loop with gradient checkpointing per inner step (MAML(checkpoint=True))
+EXTRA_CASES = ["metashot-loop-checkpoint"]
 PEERS = ["higher", "torchopt", "learn2learn"]
+
+
+def import_learn2learn() -> Any:
+    """Import learn2learn, working around the torchvision mismatch of a CPU-only torch.
+
+    learn2learn imports torchvision at the top (its vision datasets). The torchvision wheel from PyPI is
+    built against a CUDA torch: beside a CPU-only torch its C extension does not load, and ``import
+    torchvision`` stops at ``register_fake("torchvision::nms")`` ("operator torchvision::nms does not
+    exist", then the same for ``qnms``). Defining those two schemas and importing again is enough (the
+    shim of ``metric_speed.import_easyfsl``); MAML uses no torchvision op. A working torchvision, or
+    none, is left alone. learn2learn 0.2.0's sdist builds on Python 3.11 after ``cython -3`` on its three
+    ``.pyx`` files (``pip install --no-deps --no-build-isolation .``); it needs requests, gym, scipy and
+    torchvision (``--no-deps``, the release that pins this torch) at import.
+    """
+    try:
+        import torchvision  # noqa: F401
+    except RuntimeError as e:
+        if "operator torchvision::" not in str(e):
+            raise
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]  # the half-run import, so that it runs again from the top
+        for op in ("nms", "qnms"):
+            torch.library.define(
+                f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
+            )
+    except ImportError:
+        pass
+    import learn2learn
+
+    return learn2learn
 
 
 def make_net(net: str, ways: int) -> nn.Module:
@@ -67,7 +100,8 @@ def step_fn(case: str, model: nn.Module, a: argparse.Namespace) -> Callable[[tup
 
         method = MAML(model, lr, steps, first_order=not second, adapt_norm=a.adapt_norm,
                       tasks="vmap" if case == "metashot-vmap" else "loop",
-                      per_task_backward=case != "metashot-loop-graph")
+                      per_task_backward=case != "metashot-loop-graph",
+                      checkpoint=case == "metashot-loop-checkpoint")
         opt = torch.optim.Adam(method.parameters(), 1e-3)
 
         def run(batch: tuple) -> None:
@@ -172,7 +206,7 @@ def step_fn(case: str, model: nn.Module, a: argparse.Namespace) -> Callable[[tup
         return run
 
     if case == "learn2learn":
-        import learn2learn as l2l
+        l2l = import_learn2learn()
 
         maml = l2l.algorithms.MAML(model, lr=lr, first_order=not second)
 
@@ -196,31 +230,91 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_case(a: argparse.Namespace) -> dict[str, Any]:
-    """Time one case in this process (the child)."""
-    torch.set_num_threads(a.threads)
-    if a.malloc == "keep":
+def setup_process(threads: int, malloc: str) -> None:
+    """A child's settings: torch's thread count, and glibc's: ``default``; ``keep``, as metashot's trainer
+    runs (freed memory kept); ``tight``, every block of 64 KiB or more mmapped and unmapped when freed
+    (a fixed ``M_MMAP_THRESHOLD``, which turns off glibc's sliding threshold: the RSS then follows the
+    live tensors, not what fragmentation of the heap keeps)."""
+    torch.set_num_threads(threads)
+    if malloc == "keep":
         from metashot.train import keep_freed_memory
 
         keep_freed_memory()
+    elif malloc == "tight":
+        import ctypes
+
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(m_mmap_threshold, 64 << 10)
+        libc.mallopt(m_trim_threshold, 128 << 10)
+
+
+def hwm_mb() -> float | None:
+    """This process's peak RSS (``VmHWM``, MB), or None where /proc does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak() -> bool:
+    """Reset ``VmHWM`` (and so ``ru_maxrss``) to the current RSS (Linux >= 4.0); whether it took."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure(run: Callable[[Any], None], batch: Any, warmup: int, iters: int) -> dict[str, Any]:
+    """Run ``run(batch)`` ``warmup + iters`` times: the median wall and CPU seconds of the last ``iters``,
+    this process's peak RSS and that peak above the RSS just before the first call.
+
+    The peak is read from ``VmHWM``, reset just before the first call where Linux allows: ``ru_maxrss``
+    alone is not this process's own on Linux, where it keeps the high-water mark of the memory image
+    that ``fork`` copied and ``execve`` replaced, i.e. the parent's RSS at the fork (a parent that has
+    run anything big would set every child's peak). ``ru_maxrss_mb`` is reported beside it.
+    """
+    before = hwm_mb()  # the peak of imports and setup
+    base = rss_mb()
+    was_reset = reset_peak()
+    times, cpu = [], []
+    for i in range(warmup + iters):
+        t, c = time.perf_counter(), time.process_time()
+        run(batch)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    after = hwm_mb()
+    if after is None:  # no /proc: ru_maxrss, which may be floored by the parent's RSS
+        after = before = ru
+    return {
+        "s_per_iter": round(statistics.median(times), 4), "cpu_s_per_iter": round(statistics.median(cpu), 4),
+        "iters": iters, "start_rss_mb": round(base, 1),
+        "peak_rss_mb": round(max(after, before or 0.0), 1), "peak_above_start_mb": round(after - base, 1),
+        "ru_maxrss_mb": round(ru, 1), "peak_reset": was_reset,
+    }
+
+
+def run_case(a: argparse.Namespace) -> dict[str, Any]:
+    """Time one case in this process (the child)."""
+    setup_process(a.threads, a.malloc)
     torch.manual_seed(0)
     model = make_net(a.net, a.ways)
     batch = make_batch(a.meta_batch, a.ways, a.shots, a.queries)
     run = step_fn(a.case, model, a)
-    base = rss_mb()
-    times, cpu = [], []
-    for i in range(a.warmup + a.iters):
-        t, c = time.perf_counter(), time.process_time()
-        run(batch)
-        if i >= a.warmup:
-            times.append(time.perf_counter() - t)
-            cpu.append(time.process_time() - c)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    m = measure(run, batch, a.warmup, a.iters)
     return {
         "case": a.case, "order": a.order, "net": a.net, "meta_batch": a.meta_batch, "steps": a.steps,
-        "malloc": a.malloc, "threads": a.threads, "s_per_iter": round(statistics.median(times), 4),
-        "cpu_s_per_iter": round(statistics.median(cpu), 4),
-        "iters": a.iters, "peak_rss_mb": round(peak, 1), "peak_above_start_mb": round(peak - base, 1),
+        "malloc": a.malloc, "threads": a.threads, "s_per_iter": m["s_per_iter"],
+        "cpu_s_per_iter": m["cpu_s_per_iter"], "iters": a.iters, "peak_rss_mb": m["peak_rss_mb"],
+        "peak_above_start_mb": m["peak_above_start_mb"],
     }
 
 
@@ -243,7 +337,7 @@ def spawn(a: argparse.Namespace, **over: Any) -> dict[str, Any] | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
+    p.add_argument("--cases", nargs="+", default=CASES, choices=CASES + EXTRA_CASES)
     p.add_argument("--orders", nargs="+", type=int, default=[2, 1], choices=[1, 2])
     p.add_argument("--net", default="maxpool", choices=["maxpool", "strided"],
                    help="Conv4 with max-pooling (the peers' usual) or the MAML paper's strided Conv4")
@@ -256,7 +350,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--iters", type=int, default=10, help="timed iterations per case (median reported)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--peer-malloc", default="default", choices=["default", "keep"])
+    p.add_argument("--peer-malloc", default="default", choices=["default", "keep", "tight"])
     p.add_argument("--adapt-norm", action=argparse.BooleanOptionalAction, default=True,
                    help="metashot adapts batch-norm scale/shift too, the same work as the peers do")
     p.add_argument("--sweep", action="store_true",
