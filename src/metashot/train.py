@@ -202,8 +202,10 @@ class Trainer:
         val = next(iter(self._loader("val", c.meta_batch))).to(self.device)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices):
-            choice = self.method.tune(train, val)
-        self.method.use_tuning(self.world.broadcast(choice))
+            choice = self.world.broadcast(self.method.tune(train, val))
+        self.method.use_tuning(choice)
+        if choice is not None and self.world.writer:
+            print(f"metashot: {c.method} tuned on this run's batches: {choice}", file=sys.stderr)
 
     def fit(self) -> Method:
         """Train to ``cfg.steps`` steps (or ``cfg.max_minutes``), validating and checkpointing every
