@@ -44,7 +44,7 @@ import time
 from typing import Any
 
 import torch
-from maml_speed import import_learn2learn, make_batch, measure, setup_process, step_fn
+from maml_speed import import_learn2learn, make_batch, measure, metashot_step, setup_process, step_fn
 
 PRESET = "maml-omniglot-20w1s"
 CASES = ["metashot-loop", "metashot-loop-checkpoint", "higher", "torchopt", "learn2learn"]
@@ -62,20 +62,6 @@ def build_maml(steps: int, checkpoint: bool, adapt_norm: bool) -> tuple[Any, Any
             "checkpoint": checkpoint, "adapt_norm": adapt_norm}
     cfg = cfg.replace(method_args=args)
     return build_method(cfg, TaskInfo((1, 28, 28), cfg.ways, cfg.train_ways)), cfg
-
-
-def metashot_step(method: Any) -> Any:
-    from metashot.batches import Episode
-
-    opt = torch.optim.Adam(method.parameters(), 1e-3)
-
-    def run(batch: tuple) -> None:
-        loss, _ = method.loss(Episode(*batch))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return run
 
 
 def count_meta_iteration(method: Any, batch: tuple, meta_batch: int) -> int:

@@ -41,6 +41,22 @@ EXTRA_CASES = ["metashot-loop-checkpoint"]
 PEERS = ["higher", "torchopt", "learn2learn"]
 
 
+def metashot_step(method: Any) -> Callable[[tuple], None]:
+    """One training step of a metashot method on a batch tuple (support, labels, query, labels): the
+    loss, its backward and an Adam step, as the trainer runs it."""
+    from metashot.batches import Episode
+
+    opt = torch.optim.Adam(method.parameters(), 1e-3)
+
+    def run(batch: tuple) -> None:
+        loss, _ = method.loss(Episode(*batch))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return run
+
+
 def import_learn2learn() -> Any:
     """Import learn2learn, working around the torchvision mismatch of a CPU-only torch.
 
@@ -53,19 +69,9 @@ def import_learn2learn() -> Any:
     ``.pyx`` files (``pip install --no-deps --no-build-isolation .``); it needs requests, gym, scipy and
     torchvision (``--no-deps``, the release that pins this torch) at import.
     """
-    try:
-        import torchvision  # noqa: F401
-    except RuntimeError as e:
-        if "operator torchvision::" not in str(e):
-            raise
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]  # the half-run import, so that it runs again from the top
-        for op in ("nms", "qnms"):
-            torch.library.define(
-                f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
-            )
-    except ImportError:
-        pass
+    from metric_speed import import_torchvision
+
+    import_torchvision()
     import learn2learn
 
     return learn2learn
@@ -95,22 +101,13 @@ def step_fn(case: str, model: nn.Module, a: argparse.Namespace) -> Callable[[tup
     lr, steps = a.inner_lr, a.steps
 
     if case.startswith("metashot"):
-        from metashot.batches import Episode
         from metashot.methods.maml import MAML
 
         method = MAML(model, lr, steps, first_order=not second, adapt_norm=a.adapt_norm,
                       tasks="vmap" if case == "metashot-vmap" else "loop",
                       per_task_backward=case != "metashot-loop-graph",
                       checkpoint=case == "metashot-loop-checkpoint")
-        opt = torch.optim.Adam(method.parameters(), 1e-3)
-
-        def run(batch: tuple) -> None:
-            loss, _ = method.loss(Episode(*batch))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        return run
+        return metashot_step(method)
 
     opt = torch.optim.Adam(model.parameters(), 1e-3)
 

@@ -63,17 +63,16 @@ DEFAULT_SHAPES = {"protonet": ["5w1s15q", "60w5s5q"], "matching": ["5w1s15q", "2
 LIBRARIES = ("metashot", "easyfsl")
 
 
-def import_easyfsl() -> Any:
-    """Import easyfsl's methods module and TaskSampler, working around a torchvision mismatch.
+def import_torchvision() -> None:
+    """Import torchvision beside a CPU-only torch, or leave it absent.
 
-    ``easyfsl.methods`` imports torchvision (for its ResNets). The torchvision wheel from PyPI is built
-    against a CUDA torch; beside a CPU-only torch its C extension does not load, and ``import
-    torchvision`` then stops at ``register_fake("torchvision::nms")``: "operator torchvision::nms does not
-    exist" (and, once that is defined, the same for ``torchvision::qnms``); every other op's
-    registration is skipped when the extension is missing. Defining those two schemas and importing
-    again is enough: easyfsl's Prototypical and Matching Networks use neither op. Nothing is defined
-    when torchvision imports by itself (a matching build), so a working install is left alone.
-    easyfsl's TaskSampler needs a second, smaller shim against current torch (below).
+    The torchvision wheel from PyPI is built against a CUDA torch; beside a CPU-only torch its C extension
+    does not load, and ``import torchvision`` then stops at ``register_fake("torchvision::nms")``:
+    "operator torchvision::nms does not exist" (and, once that is defined, the same for
+    ``torchvision::qnms``); every other op's registration is skipped when the extension is missing.
+    Defining those two schemas and importing again is enough for the peers measured here, which use
+    neither op. Nothing is defined when torchvision imports by itself (a matching build), so a working
+    install is left alone.
     """
     try:
         import torchvision  # noqa: F401
@@ -87,6 +86,16 @@ def import_easyfsl() -> Any:
                 f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
             )
         import torchvision  # noqa: F401
+    except ImportError:
+        pass
+
+
+def import_easyfsl() -> Any:
+    """Import easyfsl's methods module and TaskSampler. ``easyfsl.methods`` imports torchvision (for its
+    ResNets): see :func:`import_torchvision`. easyfsl's TaskSampler needs a second, smaller shim against
+    current torch (below).
+    """
+    import_torchvision()
     import easyfsl.methods as methods
     from easyfsl.samplers import TaskSampler
 
