@@ -217,7 +217,8 @@ def test_runs_whose_split_followed_their_seed_differ_in_the_split(tmp_path: Path
 def test_seeds_trains_one_run_per_seed_then_summarizes(omniglot_dir: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
     code = cli.main(["train", "protonet", "--data-dir", str(omniglot_dir), "--max-episodes", "20",
-                     "--val-every", "20", "--test-episodes", "30", "--train-ways", "20", "--seeds", "0,1",
+                     "--val-every", "20", "--val-episodes", "10", "--test-episodes", "30",
+                     "--train-ways", "20", "--seeds", "0,1",
                      "--run-dir", str(tmp_path / "runs"), "--no-progress", "--json"])
     assert code == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
