@@ -221,7 +221,7 @@ def test_seeds_trains_one_run_per_seed_then_summarizes(omniglot_dir: Path, tmp_p
                      "--train-ways", "20", "--seeds", "0,1",
                      "--run-dir", str(tmp_path / "runs"), "--no-progress", "--json"])
     assert code == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = json.loads(capsys.readouterr().out)  # one JSON object: the per-seed lines go to stderr
     assert out["seeds"] == [0, 1] and len(out["results"]) == 2
     saved = [json.loads((tmp_path / "runs" / f"seed{s}" / "result.json").read_text())["mean"] for s in (0, 1)]
     assert out["mean"] == pytest.approx(sum(saved) / 2) and saved[0] != saved[1]
@@ -255,3 +255,10 @@ def test_every_preset_validates_names_its_recipe_and_builds(name: str) -> None:
         info = TaskInfo((1, 28, 28), cfg.ways, cfg.train_ways)
     method = build_method(cfg, info)
     assert cfg.make_optimizer(method.parameters()).param_groups[0]["lr"] == cfg.lr
+
+
+def test_weight_decay_left_unset_is_the_optimizers_own() -> None:
+    param = [torch.zeros(1, requires_grad=True)]
+    assert Config(optimizer="adamw").make_optimizer(param).defaults["weight_decay"] == 0.01
+    assert Config(optimizer="adamw", weight_decay=0.0).make_optimizer(param).defaults["weight_decay"] == 0.0
+    assert Config().make_optimizer(param).defaults["weight_decay"] == 0

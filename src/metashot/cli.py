@@ -304,7 +304,7 @@ def _train_seeds(args: argparse.Namespace) -> int:
         code, result = _train(one)
         if result is None:
             return code
-        print(f"seed {seed}: {result.summary()}", flush=True)
+        print(f"metashot: seed {seed}: {result.summary()}", file=sys.stderr, flush=True)
         run_dirs.append(_run_dir(one, config_from_args(one)) if run_dir is None else run_dir)
     summary = summarize_runs(run_dirs)
     print(summary.to_json() if args.json else summary.table() + "\n" + summary.summary())

@@ -76,7 +76,8 @@ class Config:
     optimizer_args: dict[str, Any] = option({}, "the optimizer's other arguments, e.g. "
                                             "{\"momentum\": 0.9, \"nesterov\": true}")
     lr: float = option(1e-3, "learning rate (after warm-up, before the schedule)")
-    weight_decay: float = option(0.0, "the optimizer's weight decay")
+    weight_decay: float | None = option(None, "the optimizer's weight decay; default: the optimizer's own "
+                                        "(0, AdamW's 0.01)")
     schedule: str = option("step", "learning-rate schedule: step, cosine or constant")
     warmup: int = option(0, "steps of linear learning-rate warm-up before the schedule")
     lr_step: int = option(2_000, "steps between the step schedule's decays")
@@ -125,7 +126,7 @@ class Config:
             raise ConfigError(f"--max-minutes must be a positive number of minutes, got {self.max_minutes}")
         for name in ("weight_decay", "lr_min"):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
+            if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{option_name(name)} must be a finite number >= 0, got {value}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
@@ -141,7 +142,8 @@ class Config:
         argument torch refused."""
         kind = getattr(torch.optim, OPTIMIZERS[self.optimizer])
         try:
-            return kind(params, lr=self.lr, weight_decay=self.weight_decay, **self.optimizer_args)
+            decay = {} if self.weight_decay is None else {"weight_decay": self.weight_decay}
+            return kind(params, lr=self.lr, **decay, **self.optimizer_args)
         except (TypeError, ValueError) as e:
             raise ConfigError(
                 f"optimizer_args {json.dumps(self.optimizer_args)} do not fit {self.optimizer} ({e})"

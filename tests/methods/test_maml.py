@@ -446,6 +446,29 @@ def test_a_path_out_of_memory_loses(monkeypatch: pytest.MonkeyPatch) -> None:
     assert method.tune(batch, batch) == {"train": "loop", "test": "loop"}
 
 
+def test_a_path_that_cannot_run_loses_and_both_failing_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    method = MAML(_small_conv(), inner_lr=0.4, inner_steps=1)
+    batch = _images(2, 3, 1, 2, size=12, dtype=torch.float64)
+    model_forward = method.model.forward
+
+    def item_in_forward(x: torch.Tensor) -> torch.Tensor:  # data-dependent Python: vmap cannot batch it
+        return model_forward(x) * (1.0 if x.sum().item() > -1 else 2.0)
+
+    monkeypatch.setattr(method.model, "forward", item_in_forward)
+    method.use_tuning({"train": "vmap"})
+    with pytest.raises(RuntimeError, match="item"):
+        method.loss(batch)
+    assert method.tune(batch, batch) == {"train": "loop", "test": "loop"}
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("broken model")
+
+    monkeypatch.setattr(method, "adapt", broken)
+    monkeypatch.setattr(method, "_vmap_adapt", broken)
+    with pytest.raises(ValueError, match="broken model"):
+        method.tune(batch, batch)
+
+
 def test_the_trainer_tunes_on_the_runs_shapes_and_applies_the_choice(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -465,3 +488,7 @@ def test_the_trainer_tunes_on_the_runs_shapes_and_applies_the_choice(
     assert len(seen) == 1 and seen[0][:2] == ((4, 10, 1), (4, 100, 1))
     assert torch.equal(seen[0][2], state)
     assert trainer.method._tuned == {"train": "vmap", "test": "loop"}
+    # a resumed run on the same device continues with the choice it saved, without timing again
+    resumed = Trainer(cfg.replace(steps=4), tmp_path, resume=True, progress=False)
+    resumed.fit()
+    assert len(seen) == 1 and resumed.method._tuned == {"train": "vmap", "test": "loop"}

@@ -58,8 +58,9 @@ class Method(nn.Module, ABC):
     def tune(self, train: Any, test: Any) -> Any:
         """Measure, as cudnn.benchmark does, how to run a training batch and a test batch fastest;
         return the choice (plain data) for :meth:`use_tuning`, or None when there is nothing to choose.
-        The trainer calls it once before training, with RNG state restored after, and applies rank 0's
-        choice on every rank. Default: nothing to choose."""
+        The trainer calls it before training (a resumed run on the same device reuses the choice saved
+        in its checkpoint), with the RNG state restored after, and applies rank 0's choice on every
+        rank. Default: nothing to choose."""
         return None
 
     def use_tuning(self, choice: Any) -> None:

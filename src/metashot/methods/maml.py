@@ -12,8 +12,8 @@ with the gradient of the query losses at the adapted parameters, taken through t
 
 The meta-gradient of one task is (I - alpha * H_support(theta)) grad L^query(theta_i') for one step:
 second order. ``first_order=True`` (FOMAML) drops the Hessian terms, using grad L^query(theta_i')
-itself. The outer step is Adam in the trainer; ``loss`` returns the mean (not the sum) of the query
-losses over the meta-batch, as the authors' code does (Adam does not see the difference).
+itself. The outer step is the trainer's optimizer (the presets: Adam, as the paper); ``loss`` returns
+the mean (not the sum) of the query losses over the meta-batch, as the authors' code does.
 
 The model is any ``nn.Module``; it is called through ``torch.func.functional_call`` with the adapted
 parameters, so nothing is deep-copied and no module is patched.
@@ -143,38 +143,51 @@ def batch_statistics(model: nn.Module) -> nn.Module:
     return model
 
 
-def _seconds(run: Callable[[], object], budget: float, device: torch.device, repeats: int = 2) -> float:
-    """The best time of ``repeats`` calls of ``run`` after one warm-up; infinite if they run out of
-    memory or raise the peak memory past ``budget`` of the GPU's (CUDA) or the machine's (else)."""
-    cuda = device.type == "cuda"
-    if cuda:
+def _peak_memory(device: torch.device) -> Callable[[], int]:
+    """Reset this process's peak memory on ``device`` and return a function giving the peak since, in
+    bytes, above the memory in use now: CUDA's allocator, else the resident set (Linux's VmHWM, reset
+    through /proc/self/clear_refs; elsewhere 0: no budget is applied)."""
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        total = torch.cuda.get_device_properties(device).total_memory
-    else:
-        import resource  # POSIX only, as this branch
+        start = torch.cuda.memory_allocated(device)
+        return lambda: torch.cuda.max_memory_allocated(device) - start
 
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
+    def status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        start = status("VmRSS:")
+    except OSError:
+        return lambda: 0
+    return lambda: status("VmHWM:") - start
+
+
+def _total_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _seconds(run: Callable[[], object], budget: float, device: torch.device, repeats: int = 2) -> float:
+    """The best time of ``repeats`` calls of ``run`` after one warm-up; infinite if a call fails (out of
+    memory, or an operation the path cannot run) or the peak memory grows past ``budget`` of the GPU's
+    (CUDA) or the machine's."""
+    peak = _peak_memory(device)
     best = math.inf
     try:
         for i in range(repeats + 1):
             start = time.perf_counter()
             run()
-            if cuda:
+            if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if i:
                 best = min(best, time.perf_counter() - start)
-    except torch.OutOfMemoryError:
+    except Exception:  # noqa: BLE001 - a path that cannot run here loses; tune() raises if both fail
         return math.inf
-    except RuntimeError as e:  # the CPU allocator's failure is a plain RuntimeError
-        if "allocate" not in str(e):
-            raise
-        return math.inf
-    if cuda:
-        grown = torch.cuda.max_memory_allocated(device)
-    else:
-        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    return best if grown <= budget * total else math.inf
+    return best if peak() <= budget * _total_memory(device) else math.inf
 
 
 def _under(name: str, prefix: str) -> bool:
@@ -225,7 +238,7 @@ class MAML(Method):
     training; test_inner_steps: in ``evaluate`` (default inner_steps); first_order: FOMAML;
     batch_norm: "transductive" (batch statistics, the paper's) or "inductive" (running statistics);
     adapt_norm: also adapt normalisation layers' scale and shift; tasks: "loop", "vmap" or "auto"
-    (the loop for conv models on CPU, else vmap); per_task_backward: in the loop, back-propagate each
+    (the faster by measurement, see :meth:`tune`); per_task_backward: in the loop, back-propagate each
     task as soon as its query loss is known (one task's graph in memory at a time; the returned loss
     then carries gradients to the method's parameters only).
 
@@ -496,14 +509,15 @@ class MAML(Method):
         return batch.support.device.type != "cpu" or not self._has_conv
 
     # -- choosing the faster path ---------------------------------------------------------------
-    memory_budget: ClassVar[float] = 0.5  # of the GPU's memory, or of the machine's physical memory
+    memory_budget: ClassVar[float] = 0.5  # peak growth, of the GPU's memory or the machine's (Linux)
 
     def tune(self, train: Episode, test: Episode) -> dict[str, str] | None:
         """With ``tasks="auto"``: time the loop and the vmap path on ``train`` (the loss and its
-        meta-gradient) and on ``test`` (the adaptation :meth:`evaluate` runs), best of two runs after a
-        warm-up, and return the faster per stage, e.g. ``{"train": "vmap", "test": "loop"}``. A path that
-        runs out of memory, or whose peak grows past :attr:`memory_budget`, loses. Nothing is updated:
-        gradients are taken with ``torch.autograd.grad``."""
+        meta-gradient, in the heaviest regime of the run: second order, the multi-step loss annealed
+        away) and on ``test`` (the adaptation :meth:`evaluate` runs), best of two runs after a warm-up,
+        and return the faster per stage, e.g. ``{"train": "vmap", "test": "loop"}``. A path that fails
+        (out of memory, an operation vmap cannot batch) or whose peak grows past :attr:`memory_budget`
+        loses. Nothing is updated: gradients are taken with ``torch.autograd.grad``."""
         if self.tasks != "auto":
             return None
         leaves = self.meta_parameters()
@@ -514,19 +528,24 @@ class MAML(Method):
         def test_step() -> None:
             self.evaluate(test)
 
-        was_training = self.training
+        was_training, was_tuned, was_step = self.training, self._tuned, self.train_step
+        # the heaviest regime the run reaches: second order, the multi-step loss annealed away
+        self.train_step = max(self.first_order_steps, self.msl_steps)
         choice = {}
         try:
             for stage, run, training in (("train", train_step, True), ("test", test_step, False)):
                 self.train(training)
                 seconds = {}
                 for path in ("loop", "vmap"):
-                    self._tuned[stage] = path
+                    self._tuned = {stage: path}
                     seconds[path] = _seconds(run, self.memory_budget, train.support.device)
+                if min(seconds.values()) == math.inf:  # neither runs: show the loop's own error
+                    self._tuned = {stage: "loop"}
+                    run()
                 choice[stage] = min(seconds, key=seconds.__getitem__)
         finally:
             self.train(was_training)
-            self._tuned = {}
+            self._tuned, self.train_step = was_tuned, was_step
         return choice
 
     def use_tuning(self, choice: dict[str, str] | None) -> None:

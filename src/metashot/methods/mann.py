@@ -100,7 +100,7 @@ class MANN(Method):
         size = math.prod(info.input_shape) if encoder is None else feature_size(encoder, info.input_shape)
         kwargs.setdefault("input_size", size)
         kwargs.setdefault("label_groups", info.label_groups)
-        kwargs.setdefault("label_values", info.label_values)
+        kwargs.setdefault("label_values", info.label_values or info.ways)
         return cls(encoder=encoder, **kwargs)
 
     def inputs(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
