@@ -154,6 +154,11 @@ def test_resume_keeps_the_runs_recipe(run: Path, capsys: pytest.CaptureFixture) 
     assert "--resume continues the run as configured; it cannot change --lr (only --max-episodes" in err
     assert cli.main([*SINE, "--resume", "--run-dir", str(run), "--max-episodes", "6", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["episodes"] == 5
+    # the run's own preset may be repeated (torchrun restarts a group with its first command line)
+    assert cli.main([*SINE, "--resume", "--run-dir", str(run), "--preset", "maml-sinusoid", "--json"]) == 0
+    capsys.readouterr()
+    err = _error([*SINE, "--resume", "--run-dir", str(run), "--preset", "maml-omniglot-5w1s"], capsys)
+    assert "--resume continues the run's own recipe (maml-sinusoid); drop --preset" in err
 
 
 def test_run_folder_taken_or_a_file(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -179,8 +179,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
     if args.resume:
         saved = RunFolder(_run_dir(args, None)).load_config()
-        if args.preset is not None:
-            raise ConfigError("--resume continues the run's own recipe; drop --preset")
+        # the run's own preset is allowed: torchrun restarts a group with its first command line
+        if args.preset is not None and args.preset != saved.preset:
+            raise ConfigError(f"--resume continues the run's own recipe ({saved.preset}); drop --preset")
         return resume_config(saved, _changes(args, saved))
     name = args.preset or presets.default_preset(args.method, args.task)
     cfg = presets.get(name) if name else Config(method=args.method)
