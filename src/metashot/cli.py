@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 from metashot import presets
 from metashot.config import Config, check_types, field_types, option_name, options
 from metashot.errors import ConfigError, MetashotError
-from metashot.evaluate import Result
+from metashot.evaluate import Result, SeedSummary
 from metashot.methods import METHODS
 
 
@@ -233,7 +233,7 @@ def _run(args: argparse.Namespace) -> int:
         from metashot.runs import summarize_runs
 
         summary = summarize_runs(args.run_dirs)
-        print(summary.to_json() if args.json else summary.table() + "\n" + summary.summary())
+        _print(summary, args.json)
         return 0
     if args.command == "plot":
         from metashot.plot import plot_runs
@@ -267,8 +267,13 @@ def _run(args: argparse.Namespace) -> int:
         _positive(args, "test_episodes", "ways", "shots")
         result = evaluate_run(args.run_dir, args.test_episodes, args.checkpoint, args.device,
                               not args.no_progress, args.ways, args.shots)
-    print(result.to_json() if args.json else result.table() + "\n" + result.summary())
+    _print(result, args.json)
     return 0
+
+
+def _print(result: Result | SeedSummary, as_json: bool) -> None:
+    """A test result or a summary over seeds: one JSON object, or its table and summary line."""
+    print(result.to_json() if as_json else result.table() + "\n" + result.summary())
 
 
 def _train(args: argparse.Namespace) -> tuple[int, Result | None]:
@@ -308,7 +313,7 @@ def _train_seeds(args: argparse.Namespace) -> int:
         print(f"metashot: seed {seed}: {result.summary()}", file=sys.stderr, flush=True)
         run_dirs.append(_run_dir(one, config_from_args(one)) if run_dir is None else run_dir)
     summary = summarize_runs(run_dirs)
-    print(summary.to_json() if args.json else summary.table() + "\n" + summary.summary())
+    _print(summary, args.json)
     return 0
 
 

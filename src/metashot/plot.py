@@ -92,11 +92,12 @@ def _instance_stats(path: Path) -> tuple[str, dict[int, tuple[float, float]]]:
     """A result.json (or a run folder holding one): its name and {n: (mean, ci95)} of each acc_n."""
     import json
 
+    from metashot.evaluate import Result
+
     path = Path(path)
     file = path / "result.json" if path.is_dir() else path
-    stats = json.loads(file.read_text())["stats"]
-    by_instance = {int(k[4:]): (float(v[0]), float(v[1])) for k, v in stats.items()
-                   if k.startswith("acc_") and k[4:].isdigit()}
+    stats = Result.from_dict(json.loads(file.read_text())).stats
+    by_instance = {int(k[4:]): v for k, v in stats.items() if k.startswith("acc_") and k[4:].isdigit()}
     if not by_instance:
         raise ValueError(f"{file} has no per-instance accuracy (acc_1, acc_2, ...): not a sequence run")
     return (path.name if path.is_dir() else path.parent.name), dict(sorted(by_instance.items()))
