@@ -173,6 +173,22 @@ def test_vmap_and_loop_give_the_same_meta_gradient_on_conv4_with_batch_norm(
         torch.testing.assert_close(v, loop_eval[k])
 
 
+@pytest.mark.parametrize(("kwargs", "plain"), [
+    ({}, False), ({"adapt_norm": True}, True), ({"inner_params": "head"}, False),
+    ({"inner_params": ["0.1"]}, True),  # the first batch-norm layer's scale and shift
+])
+def test_vmap_uses_plain_batch_norm_only_for_norm_layers_adapted_per_task(
+    kwargs: dict, plain: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import metashot.methods.maml as maml
+
+    calls = []
+    monkeypatch.setattr(maml, "_plain_batch_norm", lambda *a, **k: calls.append(1) or F.batch_norm(*a, **k))
+    method = MAML.build(TaskInfo((1, 28, 28), 5, 5), tasks="vmap", **kwargs)
+    method.loss(_images(2, 5, 1, 1))
+    assert bool(calls) == plain
+
+
 def test_per_task_backward_gives_the_same_loss_and_gradient() -> None:
     torch.manual_seed(0)
     method = MAML(_small_conv(), inner_lr=0.4, inner_steps=1)

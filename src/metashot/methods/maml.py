@@ -30,12 +30,13 @@ Tasks of a meta-batch run in a Python loop (``tasks="loop"``) or batched with ``
 (``tasks="vmap"``). With ``"auto"`` the trainer has the method time both (:meth:`MAML.tune`, as
 cudnn.benchmark does) on a training and a validation batch of the run's own shapes, threads and device,
 and each stage keeps the faster path that fits the memory budget. Untuned (a method built outside the
-trainer), ``"auto"`` uses the loop for models with convolutions on a CPU and vmap otherwise. The vmap path
-normalises with batch statistics computed by plain tensor operations (:class:`PlainBatchNorm`): on
-torch 2.13, vmap through
+trainer), ``"auto"`` uses the loop for models with convolutions on a CPU and vmap otherwise. When the inner
+loop adapts batch-norm scales and shifts (``adapt_norm``), the vmap path normalises with batch statistics
+computed by plain tensor operations (:class:`PlainBatchNorm`): on torch 2.13, vmap through
 ``F.batch_norm`` gives a wrong second-order meta-gradient when the norm layers' scale and shift are
-batched, i.e. adapted per task (relative error ~1e-3 in float64; functorch#534). A test checks that
-both paths give the same meta-gradient on the Conv4 with batch norm, adapted norm layers or not.
+batched, i.e. differ per task (relative error ~1e-3 in float64; functorch#534). Shared by all tasks, they
+go through the fused kernel, which vmap batches exactly and faster. A test checks that both paths give
+the same meta-gradient on the Conv4 with batch norm, adapted norm layers or not.
 The loop path back-propagates each task's query loss as soon as it is computed (``per_task_backward``)
 so that only one task's graph is alive at a time: peak memory does not grow with the meta-batch.
 
@@ -71,6 +72,7 @@ is the plain MAML above):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -316,6 +318,11 @@ class MAML(Method):
         self.per_task_backward = per_task_backward
         self.adapted, self.kept = split_params(model, adapt_norm, inner_params)
         self._has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+        # vmap batches the fused batch norm exactly unless its scale and shift differ per task
+        self._plain_norm = any(
+            _under(n, prefix) for prefix, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) for n in self.adapted
+        )
         self._tuned: dict[str, str] = {}  # stage ("train", "test") -> path ("loop", "vmap"), by tune()
         self.learned_lr = learned_lr
         self.msl_steps = msl_steps
@@ -496,7 +503,8 @@ class MAML(Method):
             return torch.stack(outs) if record_from is not None else outs[0]
 
         fast0 = {n: params[n] for n in self.adapted}
-        with PlainBatchNorm():  # randomness: each task draws its own dropout (DropBlock) masks
+        # randomness: each task draws its own dropout (DropBlock) masks
+        with PlainBatchNorm() if self._plain_norm else contextlib.nullcontext():
             out = torch.vmap(task, in_dims=(None, 0, 0, 0), randomness="different")(
                 fast0, batch.support, batch.support_labels, batch.query)
         return out
