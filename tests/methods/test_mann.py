@@ -76,6 +76,27 @@ def test_gradients_of_the_recurrent_weights_match_finite_differences() -> None:
             assert weight.grad[i, j].item() == pytest.approx(numeric, rel=1e-4, abs=1e-7), (name, i, j)
 
 
+def test_compiled_recurrence_gives_the_eager_loss_gradients_and_logits() -> None:
+    # aot_eager traces the recurrence and its backward as inductor would, without a C++ compiler; 7
+    # steps are chunks of 3, 3 and 1
+    eager, compiled = _small(), _small(compile="aot_eager")
+    eager.chunk = compiled.chunk = 3
+    batch = _random_batch(classes=1, instances=7)
+    assert batch.y.shape[1] == 7
+    losses, grads = [], []
+    for model in (eager, compiled):
+        loss, _ = model.loss(batch)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    torch.testing.assert_close(losses[1], losses[0])
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.logits(batch), eager.logits(batch))
+    with pytest.raises(ValueError, match="LSTM baseline"):
+        LSTMBaseline(16, compile=True)
+
+
 def test_memory_is_wiped_between_episodes() -> None:
     model = _small().eval()
     batch, other = _random_batch(), _random_batch(b=3, classes=3)

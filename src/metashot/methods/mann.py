@@ -26,7 +26,7 @@ from torch import nn
 from metashot.batches import SequenceTaskInfo, TaskInfo
 from metashot.methods.base import Method
 from metashot.nn.backbones import feature_size
-from metashot.nn.memory import LRUAMemory
+from metashot.nn.memory import LRUAMemory, MemoryState
 
 INSTANCES = (1, 2, 3, 4, 5, 10)
 
@@ -48,12 +48,18 @@ class MANN(Method):
         forget_bias: added to the controller's forget-gate bias at initialisation.
         instances: the presentations n reported as "acc_n".
         encoder: maps images [M, C, H, W] to features [M, D] (None: the raw pixels, the paper's).
+        compile: run the recurrence through ``torch.compile`` (True: its default backend, inductor,
+            which needs a C++ compiler on CPU; a string: that backend), one graph of ``chunk`` steps
+            reused for every chunk of the sequence: the step's many small operations are fused, and
+            the compile time does not grow with the sequence. The first compile takes minutes
+            (torch caches it on disk for later runs); the numbers in the README.
 
     Batches are :class:`~metashot.batches.SequenceBatch` (x [B, T, ...], y [B, T] or
     [B, T, G], instance [B, T]).
     """
 
     default_backbone: ClassVar[str | None] = None  # raw pixels, as in the paper
+    chunk: ClassVar[int] = 10  # steps per call of the recurrence (one compiled graph)
 
     def __init__(
         self,
@@ -71,8 +77,11 @@ class MANN(Method):
         forget_bias: float = 1.0,
         instances: tuple[int, ...] | list[int] = INSTANCES,
         encoder: nn.Module | None = None,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
+        if compile and not memory:
+            raise ValueError("compile applies to the memory's recurrence: the LSTM baseline runs nn.LSTM")
         self.encoder = encoder
         self.input_size, self.hidden = input_size, hidden
         self.label_groups, self.label_values = label_groups, label_values
@@ -88,6 +97,9 @@ class MANN(Method):
         self.classifier = nn.Linear(hidden + reads, label_size)
         with torch.no_grad():  # a forget-gate bias of 1 (Jozefowicz et al. 2015)
             self.controller.bias_hh_l0[hidden:2 * hidden] += forget_bias
+        self._recurrence = self._steps
+        if compile:
+            self._recurrence = torch.compile(self._steps, backend="inductor" if compile is True else compile)
 
     @classmethod
     def build(
@@ -131,16 +143,30 @@ class MANN(Method):
             pre = _RecurrentWeightGrad.apply(pre, w_step, recurrent)
         pre = pre.unbind(1)
         w_step = w_step.detach()
-        hdim = self.hidden
-        c = inputs.new_zeros(b, hdim)
+        c = inputs.new_zeros(b, self.hidden)
         state = self.memory.initial_state(b, inputs.device, inputs.dtype)
-        hr = inputs.new_zeros(b, hdim + self.memory.read_size)  # [h_{t-1}, r_{t-1}]
+        hr = inputs.new_zeros(b, self.hidden + self.memory.read_size)  # [h_{t-1}, r_{t-1}]
+        outputs, start = [], hr
+        for i in range(0, t, self.chunk):
+            out, hr, c, state = self._recurrence(pre[i:i + self.chunk], hr, c, state, w_step)
+            outputs.append(out)
+        out = torch.cat(outputs, dim=1)
+        # the loop's inputs [h, r]_{t-1}, detached: the record must not reach back into the graph that
+        # holds it (a cycle through autograd nodes that Python's collector cannot free)
+        recurrent.append(torch.cat([start.unsqueeze(1), out[:, :-1]], dim=1).detach())
+        return out
+
+    def _steps(
+        self, pre: tuple[torch.Tensor, ...], hr: torch.Tensor, c: torch.Tensor, state: MemoryState,
+        w_step: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, MemoryState]:
+        """The controller and memory over len(pre) steps: gate pre-activations of each step's inputs
+        [B, 4H], the last step's [h, r] [B, H + R * M] and cell [B, H], the memory state -> the steps'
+        [h, r] [B, len(pre), H + R * M], and the last [h, r], cell and state."""
+        hdim = self.hidden
         outputs = []
-        for step in range(t):
-            # detached: the record must not reach back into the graph that holds it (a cycle through
-            # autograd nodes that Python's collector cannot free, which leaked every step's graph)
-            recurrent.append(hr.detach())
-            gates = torch.addmm(pre[step], hr, w_step)
+        for p in pre:
+            gates = torch.addmm(p, hr, w_step)
             # nn.LSTM's gate order: input, forget, cell, output
             sig = torch.sigmoid(gates)
             cell = torch.tanh(gates[:, 2 * hdim:3 * hdim])
@@ -149,7 +175,7 @@ class MANN(Method):
             r, state = self.memory(h, state)
             hr = torch.cat([h, r], dim=1)  # the classifier's input at t, the controller's at t + 1
             outputs.append(hr)
-        return torch.stack(outputs, dim=1)
+        return torch.stack(outputs, dim=1), hr, c, state
 
     def logits(self, batch: Any) -> torch.Tensor:
         """Label logits [B, T, G, K] of every step of ``batch``."""
@@ -171,7 +197,7 @@ class _RecurrentWeightGrad(torch.autograd.Function):
 
     The loop computes gates_t = pre_t + x_t @ W with W detached, so the gradient reaching ``pre`` at
     step t is dL/dgates_t, and dL/dW = sum_t x_t^T dL/dgates_t: one [K, B*T] x [B*T, 4H] product
-    over the loop's inputs x_t, which the loop appends (detached) to ``inputs`` as it runs.
+    over the loop's inputs x_t [B, T, K], which the loop puts (detached) in ``inputs`` when it has run.
     """
 
     @staticmethod
@@ -183,7 +209,7 @@ class _RecurrentWeightGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        x = torch.stack(ctx.inputs, dim=1)  # [B, T, K]
+        (x,) = ctx.inputs  # [B, T, K]
         ctx.inputs = None
         return grad, x.flatten(0, 1).t().mm(grad.flatten(0, 1)), None
 
