@@ -6,6 +6,10 @@ same work: a Conv4 with batch norm (batch statistics) and a linear head, random 
 line per case (median seconds per meta-iteration, peak RSS in MB, and the peak above the process's RSS
 just before the first iteration), then one line per order with the ratios of the fastest peer's time
 to metashot's (wall time, and CPU time, which is steadier on a shared machine), all measured in this run.
+Each case's line also gives the iteration's FLOPs (metashot's work, counted once on the loop path), the
+achieved GFLOP/s and its share of this machine's 3x3 64->64 convolution peak (batch 256, 28x28, the
+same thread count), measured at the start of the run. ``metashot-auto`` is the default: ``tasks="auto"``,
+tuned on the batch as the trainer tunes it.
 
     python benchmarks/maml_speed.py                       # the comparison, 2nd and 1st order
     python benchmarks/maml_speed.py --iters 3 --warmup 1  # a quick check
@@ -34,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CASES = ["metashot-loop", "metashot-loop-graph", "metashot-vmap", "torch-loop", "higher", "torchopt",
-         "learn2learn"]
+CASES = ["metashot-auto", "metashot-loop", "metashot-loop-graph", "metashot-vmap", "torch-loop", "higher",
+         "torchopt", "learn2learn"]
 # on request only (--cases): the loop with gradient checkpointing per inner step (MAML(checkpoint=True))
 EXTRA_CASES = ["metashot-loop-checkpoint"]
 PEERS = ["higher", "torchopt", "learn2learn"]
@@ -103,10 +107,15 @@ def step_fn(case: str, model: nn.Module, a: argparse.Namespace) -> Callable[[tup
     if case.startswith("metashot"):
         from metashot.methods.maml import MAML
 
-        method = MAML(model, lr, steps, first_order=not second, adapt_norm=a.adapt_norm,
-                      tasks="vmap" if case == "metashot-vmap" else "loop",
+        tasks = {"metashot-vmap": "vmap", "metashot-auto": "auto"}.get(case, "loop")
+        method = MAML(model, lr, steps, first_order=not second, adapt_norm=a.adapt_norm, tasks=tasks,
                       per_task_backward=case != "metashot-loop-graph",
                       checkpoint=case == "metashot-loop-checkpoint")
+        if tasks == "auto":  # as the trainer: measured on the run's batches, then applied
+            from metashot.batches import Episode
+
+            batch = Episode(*make_batch(a.meta_batch, a.ways, a.shots, a.queries))
+            method.use_tuning(method.tune(batch, batch))
         return metashot_step(method)
 
     opt = torch.optim.Adam(model.parameters(), 1e-3)
@@ -222,6 +231,21 @@ def step_fn(case: str, model: nn.Module, a: argparse.Namespace) -> Callable[[tup
     raise ValueError(f"unknown case {case!r}")
 
 
+def step_flops(a: argparse.Namespace, order: int) -> int:
+    """FLOPs of one meta-iteration (loss and backward) of metashot's work, counted on the loop path (the
+    counter over-counts vmap's grouped convolutions; the work is the same)."""
+    from flops import count_flops
+
+    from metashot.batches import Episode
+    from metashot.methods.maml import MAML
+
+    torch.manual_seed(0)
+    method = MAML(make_net(a.net, a.ways), a.inner_lr, a.steps, first_order=order == 1,
+                  adapt_norm=a.adapt_norm, tasks="loop")
+    batch = Episode(*make_batch(a.meta_batch, a.ways, a.shots, a.queries))
+    return count_flops(lambda: method.loss(batch)[0].backward())[0]
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -315,7 +339,9 @@ def run_case(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def spawn(a: argparse.Namespace, **over: Any) -> dict[str, Any] | None:
+def spawn(a: argparse.Namespace, flop: int = 0, peak: float = 0.0, **over: Any) -> dict[str, Any] | None:
+    """Run one case in a child process and print its line; with ``flop`` (the iteration's FLOPs) and
+    ``peak`` (GFLOP/s), its achieved GFLOP/s and share of that peak too."""
     args = {**vars(a), **over}
     cmd = [sys.executable, __file__, "--child"]
     for k in ("case", "order", "net", "meta_batch", "steps", "malloc", "threads", "iters", "warmup",
@@ -328,6 +354,10 @@ def spawn(a: argparse.Namespace, **over: Any) -> dict[str, Any] | None:
         print(json.dumps({"case": args["case"], "order": args["order"], "skipped": last}), flush=True)
         return None
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if flop:
+        rate = flop / result["s_per_iter"] / 1e9
+        result |= {"gflop_per_iter": round(flop / 1e9, 3), "gflops": round(rate, 2),
+                   "share_of_conv_peak": round(rate / peak, 3)}
     print(json.dumps(result), flush=True)
     return result
 
@@ -367,11 +397,18 @@ def main() -> None:
                 for steps, mb in ((1, 8), (1, 32), (2, 32), (5, 32), (1, 64)):
                     spawn(a, case=case, order=order, steps=steps, meta_batch=mb, malloc="default")
         return
+    from flops import conv_peak
+
+    torch.set_num_threads(a.threads)
+    peak = conv_peak(28)
+    print(json.dumps(peak), flush=True)
     for order in a.orders:
         res = {}
+        flop = step_flops(a, order)
         for case in a.cases:
             peer = not case.startswith("metashot")
-            r = spawn(a, case=case, order=order, malloc=a.peer_malloc if peer else "keep")
+            r = spawn(a, flop, peak["gflops_best"], case=case, order=order,
+                      malloc=a.peer_malloc if peer else "keep")
             if r is not None:
                 res[case] = r
         peers = {c: r for c, r in res.items() if c in PEERS}
@@ -389,6 +426,7 @@ def main() -> None:
             mem = {c: round(r["peak_above_start_mb"] / peers[fastest]["peak_above_start_mb"], 3)
                    for c, r in res.items() if c.startswith("metashot")}
             print(json.dumps({"order": order, "fastest_peer": fastest, "speedup_vs_fastest_peer": ratios,
+                              "conv_peak_gflops": peak["gflops_best"],
                               "fastest_peer_cpu_time": fastest_cpu, "cpu_speedup_vs_fastest_peer": cpu_ratios,
                               "memory_vs_fastest_peer": mem}), flush=True)
 
