@@ -9,7 +9,9 @@ to metashot's (wall time, and CPU time, which is steadier on a shared machine), 
 Each case's line also gives the iteration's FLOPs (metashot's work, counted once on the loop path), the
 achieved GFLOP/s and its share of this machine's 3x3 64->64 convolution peak (batch 256, 28x28, the
 same thread count), measured at the start of the run. ``metashot-auto`` is the default: ``tasks="auto"``,
-tuned on the batch as the trainer tunes it.
+tuned on the batch as the trainer tunes it. ``torch-loop`` is a plain ``torch.func`` loop with one backward
+over all tasks; ``torch-loop-per-task`` is metashot's loop written plainly (a backward per task, the same
+parameters adapted): ``metashot-loop`` against it is the overhead of ``MAML.loss``.
 
     python benchmarks/maml_speed.py                       # the comparison, 2nd and 1st order
     python benchmarks/maml_speed.py --iters 3 --warmup 1  # a quick check
@@ -38,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CASES = ["metashot-auto", "metashot-loop", "metashot-loop-graph", "metashot-vmap", "torch-loop", "higher",
-         "torchopt", "learn2learn"]
+CASES = ["metashot-auto", "metashot-loop", "metashot-loop-graph", "metashot-vmap", "torch-loop",
+         "torch-loop-per-task", "higher", "torchopt", "learn2learn"]
 # on request only (--cases): the loop with gradient checkpointing per inner step (MAML(checkpoint=True))
 EXTRA_CASES = ["metashot-loop-checkpoint"]
 PEERS = ["higher", "torchopt", "learn2learn"]
@@ -138,6 +140,30 @@ def step_fn(case: str, model: nn.Module, a: argparse.Namespace) -> Callable[[tup
                 total = total + F.cross_entropy(functional_call(model, fast, (xq[i],)), yq[i])
             opt.zero_grad(set_to_none=True)
             (total / xs.shape[0]).backward()
+            opt.step()
+
+        return run
+
+    if case == "torch-loop-per-task":  # metashot's loop written plainly: its overhead is the difference
+        from torch.func import functional_call
+
+        from metashot.methods.maml import split_params
+
+        adapted, _ = split_params(model, a.adapt_norm)
+
+        def run(batch: tuple) -> None:
+            xs, ys, xq, yq = batch
+            params = dict(model.named_parameters())
+            b = xs.shape[0]
+            opt.zero_grad(set_to_none=True)
+            for i in range(b):
+                fast = params
+                for _ in range(steps):
+                    loss = F.cross_entropy(functional_call(model, fast, (xs[i],)), ys[i])
+                    ws = [fast[n] for n in adapted]
+                    grads = torch.autograd.grad(loss, ws, create_graph=second)
+                    fast = {**fast, **{n: w - lr * g for n, w, g in zip(adapted, ws, grads)}}
+                (F.cross_entropy(functional_call(model, fast, (xq[i],)), yq[i]) / b).backward()
             opt.step()
 
         return run
@@ -416,12 +442,12 @@ def main() -> None:
             fastest = min(peers, key=lambda c: peers[c]["s_per_iter"])
             ratios = {
                 c: round(peers[fastest]["s_per_iter"] / r["s_per_iter"], 3)
-                for c, r in res.items() if c.startswith("metashot") or c == "torch-loop"
+                for c, r in res.items() if c.startswith(("metashot", "torch-loop"))
             }
             fastest_cpu = min(peers, key=lambda c: peers[c]["cpu_s_per_iter"])
             cpu_ratios = {
                 c: round(peers[fastest_cpu]["cpu_s_per_iter"] / r["cpu_s_per_iter"], 3)
-                for c, r in res.items() if c.startswith("metashot") or c == "torch-loop"
+                for c, r in res.items() if c.startswith(("metashot", "torch-loop"))
             }
             mem = {c: round(r["peak_above_start_mb"] / peers[fastest]["peak_above_start_mb"], 3)
                    for c, r in res.items() if c.startswith("metashot")}
