@@ -58,7 +58,7 @@ class PerStepBatchNorm(nn.Module):
                     continue
                 rows = t.detach().unsqueeze(0).repeat(sets, *[1] * t.dim())
                 if key in ("weight", "bias"):
-                    self.register_parameter(f"{key}_{i}", nn.Parameter(rows))
+                    self.register_parameter(f"{key}_{i}", nn.Parameter(rows, t.requires_grad))
                 else:
                     self.register_buffer(f"{key}_{i}", rows)
                 self.names.append((f"{prefix}.{key}" if prefix else key, f"{key}_{i}"))

@@ -19,13 +19,24 @@ from torch import nn
 Factory = Callable[..., nn.Module]
 
 
+def batch_norm(channels: int, track_running_stats: bool = True, eps: float = 1e-5,
+               scale: bool = True) -> nn.BatchNorm2d:
+    """``nn.BatchNorm2d``; ``scale=False`` keeps its scale at 1 (not learned: no gradient), the shift
+    learned, as ``tf.contrib.layers.batch_norm``'s default ``scale=False``."""
+    norm = nn.BatchNorm2d(channels, eps=eps, track_running_stats=track_running_stats)
+    norm.weight.requires_grad_(scale)
+    return norm
+
+
 def conv_block(
-    in_channels: int, out_channels: int, strided: bool = False, track_running_stats: bool = True
+    in_channels: int, out_channels: int, strided: bool = False, track_running_stats: bool = True,
+    norm_eps: float = 1e-5, norm_scale: bool = True,
 ) -> nn.Sequential:
-    """3x3 conv, BatchNorm, ReLU, then a 2x2 max-pool (or, ``strided``, a stride-2 conv instead)."""
+    """3x3 conv, BatchNorm (``norm_eps``, learned scale unless ``norm_scale=False``), ReLU, then a 2x2
+    max-pool (or, ``strided``, a stride-2 conv instead)."""
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, stride=2 if strided else 1, padding=1),
-        nn.BatchNorm2d(out_channels, track_running_stats=track_running_stats),
+        batch_norm(out_channels, track_running_stats, norm_eps, norm_scale),
         nn.ReLU(),
         *([] if strided else [nn.MaxPool2d(2)]),
     )
@@ -35,7 +46,8 @@ class Conv4(nn.Sequential):
     """Four conv blocks then flatten: [B, C, 28, 28] -> [B, 64] with the defaults.
 
     ``strided=True`` is the MAML variant (stride-2 convolutions, no max-pooling);
-    ``track_running_stats=False`` makes batch norm always use the current batch's statistics.
+    ``track_running_stats=False`` makes batch norm always use the current batch's statistics;
+    ``norm_eps`` and ``norm_scale`` are batch norm's epsilon and whether its scale is learned.
     """
 
     def __init__(
@@ -46,10 +58,13 @@ class Conv4(nn.Sequential):
         depth: int = 4,
         strided: bool = False,
         track_running_stats: bool = True,
+        norm_eps: float = 1e-5,
+        norm_scale: bool = True,
     ) -> None:
         widths = [in_channels] + [hidden] * (depth - 1) + [out_channels]
         super().__init__(
-            *(conv_block(a, b, strided, track_running_stats) for a, b in zip(widths, widths[1:])),
+            *(conv_block(a, b, strided, track_running_stats, norm_eps, norm_scale)
+              for a, b in zip(widths, widths[1:])),
             nn.Flatten(),
         )
 
@@ -143,11 +158,14 @@ def conv4(
 
 
 def conv4_strided(
-    input_shape: tuple[int, ...], hidden: int = 64, depth: int = 4, track_running_stats: bool = True
+    input_shape: tuple[int, ...], hidden: int = 64, depth: int = 4, track_running_stats: bool = True,
+    norm_eps: float = 1e-5, norm_scale: bool = True,
 ) -> nn.Module:
     """MAML's body (Finn et al. 2017): Conv4 with stride-2 convolutions instead of max-pooling, then
-    global average pooling: [M, hidden]."""
-    conv = Conv4(input_shape[0], hidden, hidden, depth, strided=True, track_running_stats=track_running_stats)
+    global average pooling: [M, hidden]. The MAML presets take the authors' batch norm
+    (``tf.contrib.layers.batch_norm`` defaults: ``norm_eps=1e-3``, ``norm_scale=False``)."""
+    conv = Conv4(input_shape[0], hidden, hidden, depth, strided=True, track_running_stats=track_running_stats,
+                 norm_eps=norm_eps, norm_scale=norm_scale)
     return nn.Sequential(*list(conv)[:-1], nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
