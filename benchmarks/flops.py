@@ -193,11 +193,8 @@ def build_retrying(case: str, tries: int, wait_s: float) -> tuple[Any, Any, dict
 
 
 def trainer_step(method: Any, batch: Any) -> tuple[Callable[[], None], Any]:
-    """One training step as the trainer runs it: loss, backward, Adam step (after ``tune``, whose choice
-    is returned beside it)."""
-    with torch.random.fork_rng([]):
-        choice = method.tune(batch, batch)
-    method.use_tuning(choice)
+    """One training step as the trainer runs it: loss, backward, Adam step; beside it MAML's path."""
+    choice = ("vmap" if method._use_vmap(batch) else "loop") if hasattr(method, "_use_vmap") else None
     optimizer = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], 1e-3)
 
     def step() -> None:
@@ -222,8 +219,12 @@ def measure_case(case: str, a: argparse.Namespace, peaks: dict[str, dict[str, An
     torch.manual_seed(0)
     method, batch, shape = build_retrying(case, a.build_tries, a.build_wait_s)
     method.train()
-    method.use_tuning({"train": "loop"})  # MAML: the path the counter reads right
+    tasks = getattr(method, "tasks", None)
+    if tasks is not None:
+        method.tasks = "loop"  # MAML: the path the counter reads right
     flops, by_op = count_flops(loss_backward(method, batch))
+    if tasks is not None:
+        method.tasks = tasks
     step, choice = trainer_step(method, batch)
     for _ in range(a.warmup):
         step()
@@ -237,7 +238,7 @@ def measure_case(case: str, a: argparse.Namespace, peaks: dict[str, dict[str, An
     rate = flops / s / 1e9
     top = dict(list(by_op.items())[:6])
     line = {
-        "case": case, "threads": torch.get_num_threads(), **shape, "path": (choice or {}).get("train"),
+        "case": case, "threads": torch.get_num_threads(), **shape, "path": choice,
         "gflop_per_step": round(flops / 1e9, 3),
         "s_per_step": round(s, 4), "cpu_s_per_step": round(cs, 4), "reps": a.reps,
         "gflops": round(rate, 2), "gflops_cpu_time": round(flops / cs / 1e9, 2),

@@ -9,9 +9,9 @@ to metashot's (wall time, and CPU time, which is steadier on a shared machine), 
 Each case's line also gives the iteration's FLOPs (metashot's work, counted once on the loop path), the
 achieved GFLOP/s and its share of this machine's 3x3 64->64 convolution peak (batch 256, 28x28, the
 same thread count), measured at the start of the run. ``metashot-auto`` is the default: ``tasks="auto"``,
-tuned on the batch as the trainer tunes it. ``torch-loop`` is a plain ``torch.func`` loop with one backward
-over all tasks; ``torch-loop-per-task`` is metashot's loop written plainly (a backward per task, the same
-parameters adapted): ``metashot-loop`` against it is the overhead of ``MAML.loss``.
+the path its rule picks for the batch's shapes. ``torch-loop`` is a plain ``torch.func`` loop with one
+backward over all tasks; ``torch-loop-per-task`` is metashot's loop written plainly (a backward per task,
+the same parameters adapted): ``metashot-loop`` against it is the overhead of ``MAML.loss``.
 
     python benchmarks/maml_speed.py                       # the comparison, 2nd and 1st order
     python benchmarks/maml_speed.py --iters 3 --warmup 1  # a quick check
@@ -113,11 +113,6 @@ def step_fn(case: str, model: nn.Module, a: argparse.Namespace) -> Callable[[tup
         method = MAML(model, lr, steps, first_order=not second, adapt_norm=a.adapt_norm, tasks=tasks,
                       per_task_backward=case != "metashot-loop-graph",
                       checkpoint=case == "metashot-loop-checkpoint")
-        if tasks == "auto":  # as the trainer: measured on the run's batches, then applied
-            from metashot.batches import Episode
-
-            batch = Episode(*make_batch(a.meta_batch, a.ways, a.shots, a.queries))
-            method.use_tuning(method.tune(batch, batch))
         return metashot_step(method)
 
     opt = torch.optim.Adam(model.parameters(), 1e-3)

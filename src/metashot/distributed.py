@@ -101,14 +101,6 @@ class World:
             self.raise_any(error)
         return result
 
-    def broadcast(self, value: T) -> T:
-        """Rank 0's ``value`` (picklable) on every rank."""
-        if self.size == 1:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     # -- the step ------------------------------------------------------------------------------
     def sync_step(self, params: Iterable[nn.Parameter], flags: list[float]) -> list[float]:
         """Average the gradients over the ranks and sum ``flags``, in one all-reduce."""

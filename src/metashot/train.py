@@ -120,7 +120,6 @@ class Trainer:
         self.optimizer = cfg.make_optimizer(self.method.parameters())
         self.scheduler = make_scheduler(cfg, self.optimizer)
         self.step = 0
-        self.tuning: dict[str, Any] | None = None  # the method's tune() choice and the device it holds for
         self.elapsed = 0.0
         self.out_of_time = False
         self.best: float | None = None
@@ -167,7 +166,6 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": torch.get_rng_state(),
-            "tuning": self.tuning,
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -178,7 +176,6 @@ class Trainer:
         self.step, self.elapsed, self.best = state["step"], state["elapsed"], state["best"]
         self.rows, self.since = state["rows"], state["since"]
         self.sums = state["sums"].to(self.device)
-        self.tuning = state.get("tuning")  # checkpoints saved before tuning existed have none
         self.out_of_time = self._time_is_up()
         if self.best is not None:
             self.best_weights = self.folder.weights("best.pt", "cpu")
@@ -196,24 +193,6 @@ class Trainer:
     # -- training ------------------------------------------------------------------------------
     def validate(self) -> Result:
         return self._evaluate("val", self.cfg.val_episodes)
-
-    def _tune(self) -> None:
-        """Let the method measure its fastest way on a training and a validation batch of this run's
-        shapes; rank 0's choice holds on every rank, and no RNG state moves. A resumed run on the same
-        device keeps the choice it saved, so that it continues as it ran."""
-        c = self.cfg
-        if self.tuning is not None and self.tuning["device"] == str(self.device):
-            self.method.use_tuning(self.tuning["choice"])
-            return
-        train = next(iter(self._loader("train", c.meta_batch))).to(self.device)
-        val = next(iter(self._loader("val", c.meta_batch))).to(self.device)
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices):
-            choice = self.world.broadcast(self.method.tune(train, val))
-        self.method.use_tuning(choice)
-        self.tuning = {"device": str(self.device), "choice": choice}
-        if choice is not None and self.world.writer:
-            print(f"metashot: {c.method} tuned on this run's batches: {choice}", file=sys.stderr)
 
     def fit(self) -> Method:
         """Train to ``cfg.steps`` steps (or ``cfg.max_minutes``), validating and checkpointing every
@@ -233,7 +212,6 @@ class Trainer:
         t0 = time.perf_counter() - self.elapsed
         self.method.train()
         try:
-            self._tune()
             if self.step > 0 and (not self.rows or self.rows[-1]["step"] != self.step) and self._due():
                 self._checkpoint(validate=True)  # a signal cut this step's validation short
             batches = iter(loader) if not self.finished else iter(())

@@ -3,7 +3,6 @@ batch-norm modes, and short training runs on sinusoids and real Omniglot."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from metashot import presets
 from metashot.batches import Episode, TaskInfo
 from metashot.config import Config
 from metashot.methods import METHODS
-from metashot.methods.maml import MAML, MAMLRegression
+from metashot.methods.maml import MAML, VMAP_MAX_EXAMPLES, MAMLRegression
 from metashot.nn.backbones import MLP, Conv4
 from metashot.train import Trainer
 
@@ -422,89 +421,16 @@ def test_anil_finds_the_head_on_every_backbone(backbone: str, args: dict, head: 
     assert all(p.grad is not None for p in method.parameters())
 
 
-# -- tasks="auto": the faster path by measurement ----------------------------------------------------
-def _slowed(fn: object) -> object:
-    def slow(*args: object, **kwargs: object) -> object:
-        time.sleep(0.2)
-        return fn(*args, **kwargs)
-    return slow
+# -- tasks="auto": a rule, not a timing ---------------------------------------------------------------
+def test_auto_picks_vmap_for_small_conv_tasks_and_models_without_convolutions_only() -> None:
+    conv = MAML(_small_conv(), inner_lr=0.4, inner_steps=1)
+    small = _images(2, 3, 1, 2, size=12)  # 3 + 6 examples per task
+    assert conv._use_vmap(small)
+    large = _images(2, 3, 4, 4, size=12)  # 12 + 12 > VMAP_MAX_EXAMPLES
+    assert 12 + 12 > VMAP_MAX_EXAMPLES and not conv._use_vmap(large)
+    mlp = MAML(nn.Sequential(nn.Flatten(), nn.Linear(144, 3)), inner_lr=0.4)
+    assert mlp._use_vmap(large)
+    assert not MAML(_small_conv(), tasks="loop")._use_vmap(small)
+    assert MAML(_small_conv(), tasks="vmap")._use_vmap(large)
 
 
-def test_tune_keeps_the_faster_path_of_each_stage_and_changes_nothing(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    torch.manual_seed(0)
-    method = MAML(_small_conv(), inner_lr=0.4, inner_steps=1, test_inner_steps=2)
-    batch = _images(2, 3, 1, 2, size=12, dtype=torch.float64)
-    before = {k: v.clone() for k, v in method.state_dict().items()}
-    monkeypatch.setattr(method, "_vmap_adapt", _slowed(method._vmap_adapt))
-    assert method.tune(batch, batch) == {"train": "loop", "test": "loop"}
-    monkeypatch.undo()
-    monkeypatch.setattr(method, "adapt", _slowed(method.adapt))
-    assert method.tune(batch, batch) == {"train": "vmap", "test": "vmap"}
-    assert all(p.grad is None for p in method.parameters()) and method.training
-    for k, v in method.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    assert not method._use_vmap(batch, "train")  # untuned: the CPU rule for convolutions
-    method.use_tuning({"train": "vmap", "test": "loop"})
-    assert method._use_vmap(batch, "train") and not method._use_vmap(batch, "test")
-    assert MAML(_small_conv(), tasks="loop").tune(batch, batch) is None
-
-
-def test_a_path_out_of_memory_loses(monkeypatch: pytest.MonkeyPatch) -> None:
-    method = MAML(_small_conv(), inner_lr=0.4, inner_steps=1)
-    batch = _images(2, 3, 1, 2, size=12, dtype=torch.float64)
-
-    def out_of_memory(*args: object, **kwargs: object) -> None:
-        raise torch.OutOfMemoryError("CUDA out of memory")
-
-    monkeypatch.setattr(method, "_vmap_adapt", out_of_memory)
-    assert method.tune(batch, batch) == {"train": "loop", "test": "loop"}
-
-
-def test_a_path_that_cannot_run_loses_and_both_failing_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    method = MAML(_small_conv(), inner_lr=0.4, inner_steps=1)
-    batch = _images(2, 3, 1, 2, size=12, dtype=torch.float64)
-    model_forward = method.model.forward
-
-    def item_in_forward(x: torch.Tensor) -> torch.Tensor:  # data-dependent Python: vmap cannot batch it
-        return model_forward(x) * (1.0 if x.sum().item() > -1 else 2.0)
-
-    monkeypatch.setattr(method.model, "forward", item_in_forward)
-    method.use_tuning({"train": "vmap"})
-    with pytest.raises(RuntimeError, match="item"):
-        method.loss(batch)
-    assert method.tune(batch, batch) == {"train": "loop", "test": "loop"}
-
-    def broken(*args: object, **kwargs: object) -> None:
-        raise ValueError("broken model")
-
-    monkeypatch.setattr(method, "adapt", broken)
-    monkeypatch.setattr(method, "_vmap_adapt", broken)
-    with pytest.raises(ValueError, match="broken model"):
-        method.tune(batch, batch)
-
-
-def test_the_trainer_tunes_on_the_runs_shapes_and_applies_the_choice(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    seen = []
-
-    def tune(self: MAML, train: Episode, test: Episode) -> dict[str, str]:
-        seen.append((tuple(train.support.shape), tuple(test.query.shape), torch.random.get_rng_state()))
-        torch.rand(3)  # the trainer restores the RNG state around tune
-        return {"train": "vmap", "test": "loop"}
-
-    monkeypatch.setattr(MAML, "tune", tune)
-    cfg = presets.get("maml-sinusoid").replace(steps=2, val_every=2, val_episodes=4, test_episodes=4,
-                                               meta_batch=4)
-    trainer = Trainer(cfg, tmp_path, progress=False)
-    state = torch.random.get_rng_state()
-    trainer.fit()
-    assert len(seen) == 1 and seen[0][:2] == ((4, 10, 1), (4, 100, 1))
-    assert torch.equal(seen[0][2], state)
-    assert trainer.method._tuned == {"train": "vmap", "test": "loop"}
-    # a resumed run on the same device continues with the choice it saved, without timing again
-    resumed = Trainer(cfg.replace(steps=4), tmp_path, resume=True, progress=False)
-    resumed.fit()
-    assert len(seen) == 1 and resumed.method._tuned == {"train": "vmap", "test": "loop"}

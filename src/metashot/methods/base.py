@@ -55,17 +55,6 @@ class Method(nn.Module, ABC):
     def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Scalar training loss and per-task metrics, each of shape [B]."""
 
-    def tune(self, train: Any, test: Any) -> Any:
-        """Measure, as cudnn.benchmark does, how to run a training batch and a test batch fastest;
-        return the choice (plain data) for :meth:`use_tuning`, or None when there is nothing to choose.
-        The trainer calls it before training (a resumed run on the same device reuses the choice saved
-        in its checkpoint), with the RNG state restored after, and applies rank 0's choice on every
-        rank. Default: nothing to choose."""
-        return None
-
-    def use_tuning(self, choice: Any) -> None:
-        """Apply a choice :meth:`tune` returned (possibly on another process)."""
-
     def on_step(self, step: int) -> None:
         """Called by the trainer before training step ``step`` (0-based, counting optimizer steps), for
         schedules that live inside a method (MAML++'s annealing). Default: nothing."""

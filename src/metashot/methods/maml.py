@@ -27,16 +27,14 @@ meta-training pass (support and query), and in ``eval()`` mode every example is 
 independently of the other examples of its task.
 
 Tasks of a meta-batch run in a Python loop (``tasks="loop"``) or batched with ``torch.vmap``
-(``tasks="vmap"``). With ``"auto"`` the trainer has the method time both (:meth:`MAML.tune`, as
-cudnn.benchmark does) on a training and a validation batch of the run's own shapes, threads and device,
-and each stage keeps the faster path that fits the memory budget. Untuned (a method built outside the
-trainer), ``"auto"`` uses the loop for models with convolutions on a CPU and vmap otherwise. When the inner
-loop adapts batch-norm scales and shifts (``adapt_norm``), the vmap path normalises with batch statistics
-computed by plain tensor operations (:class:`PlainBatchNorm`): on torch 2.13, vmap through
-``F.batch_norm`` gives a wrong second-order meta-gradient when the norm layers' scale and shift are
-batched, i.e. differ per task (relative error ~1e-3 in float64; functorch#534). Shared by all tasks, they
-go through the fused kernel, which vmap batches exactly and faster. A test checks that both paths give
-the same meta-gradient on the Conv4 with batch norm, adapted norm layers or not.
+(``tasks="vmap"``). ``"auto"`` is a fixed rule, never a timing, so that a config and seed give the same
+run on any load: vmap for models without convolutions, on accelerators, and for tasks of at most
+:data:`VMAP_MAX_EXAMPLES` support and query examples; the loop otherwise. When the inner loop adapts
+batch-norm scales and shifts (``adapt_norm``), the vmap path normalises with batch statistics computed by
+plain tensor operations (:class:`PlainBatchNorm`): vmap through ``F.batch_norm`` gives a wrong
+second-order meta-gradient when the norm layers' scale and shift are batched, i.e. differ per task
+(functorch#534). Shared by all tasks, they go through the fused kernel, which vmap batches exactly and
+faster. A test checks that both paths give the same meta-gradient.
 The loop path back-propagates each task's query loss as soon as it is computed (``per_task_backward``)
 so that only one task's graph is alive at a time: peak memory does not grow with the meta-batch.
 
@@ -73,9 +71,6 @@ is the plain MAML above):
 from __future__ import annotations
 
 import contextlib
-import math
-import os
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -91,6 +86,9 @@ from metashot.methods.inner_loop import PerStepBatchNorm, msl_weights, recompute
 from metashot.nn.backbones import feature_size
 
 Params = dict[str, torch.Tensor]
+# tasks="auto" batches tasks of up to this many support + query examples with vmap on a CPU: per-task
+# overhead dominates small tasks, and vmap's memory grows with the meta-batch
+VMAP_MAX_EXAMPLES = 20
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -145,53 +143,6 @@ def batch_statistics(model: nn.Module) -> nn.Module:
     return model
 
 
-def _peak_memory(device: torch.device) -> Callable[[], int]:
-    """Reset this process's peak memory on ``device`` and return a function giving the peak since, in
-    bytes, above the memory in use now: CUDA's allocator, else the resident set (Linux's VmHWM, reset
-    through /proc/self/clear_refs; elsewhere 0: no budget is applied)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
-        return lambda: torch.cuda.max_memory_allocated(device) - start
-
-    def status(key: str) -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set
-        start = status("VmRSS:")
-    except OSError:
-        return lambda: 0
-    return lambda: status("VmHWM:") - start
-
-
-def _total_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _seconds(run: Callable[[], object], budget: float, device: torch.device, repeats: int = 2) -> float:
-    """The best time of ``repeats`` calls of ``run`` after one warm-up; infinite if a call fails (out of
-    memory, or an operation the path cannot run) or the peak memory grows past ``budget`` of the GPU's
-    (CUDA) or the machine's."""
-    peak = _peak_memory(device)
-    best = math.inf
-    try:
-        for i in range(repeats + 1):
-            start = time.perf_counter()
-            run()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i:
-                best = min(best, time.perf_counter() - start)
-    except Exception:  # noqa: BLE001 - a path that cannot run here loses; tune() raises if both fail
-        return math.inf
-    return best if peak() <= budget * _total_memory(device) else math.inf
-
-
 def _under(name: str, prefix: str) -> bool:
     return not prefix or name == prefix or name.startswith(prefix + ".")
 
@@ -240,9 +191,9 @@ class MAML(Method):
     training; test_inner_steps: in ``evaluate`` (default inner_steps); first_order: FOMAML;
     batch_norm: "transductive" (batch statistics, the paper's) or "inductive" (running statistics);
     adapt_norm: also adapt normalisation layers' scale and shift; tasks: "loop", "vmap" or "auto"
-    (the faster by measurement, see :meth:`tune`); per_task_backward: in the loop, back-propagate each
-    task as soon as its query loss is known (one task's graph in memory at a time; the returned loss
-    then carries gradients to the method's parameters only).
+    (a rule by model, device and task size: module docstring); per_task_backward: in the loop,
+    back-propagate each task as soon as its query loss is known (one task's graph in memory at a time;
+    the returned loss then carries gradients to the method's parameters only).
 
     The variants (module docstring): inner_params: "all", "head" (ANIL) or name prefixes;
     learned_lr: "none", "lslr" (MAML++) or "metasgd"; per_step_bn, msl_steps, first_order_steps:
@@ -323,7 +274,6 @@ class MAML(Method):
             _under(n, prefix) for prefix, m in model.named_modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm) for n in self.adapted
         )
-        self._tuned: dict[str, str] = {}  # stage ("train", "test") -> path ("loop", "vmap"), by tune()
         self.learned_lr = learned_lr
         self.msl_steps = msl_steps
         self.first_order_steps = first_order_steps
@@ -509,55 +459,11 @@ class MAML(Method):
                 fast0, batch.support, batch.support_labels, batch.query)
         return out
 
-    def _use_vmap(self, batch: Episode, stage: str) -> bool:
+    def _use_vmap(self, batch: Episode) -> bool:
         if self.tasks != "auto":
             return self.tasks == "vmap"
-        if stage in self._tuned:
-            return self._tuned[stage] == "vmap"
-        return batch.support.device.type != "cpu" or not self._has_conv
-
-    # -- choosing the faster path ---------------------------------------------------------------
-    memory_budget: ClassVar[float] = 0.5  # peak growth, of the GPU's memory or the machine's (Linux)
-
-    def tune(self, train: Episode, test: Episode) -> dict[str, str] | None:
-        """With ``tasks="auto"``: time the loop and the vmap path on ``train`` (the loss and its
-        meta-gradient, in the heaviest regime of the run: second order, the multi-step loss annealed
-        away) and on ``test`` (the adaptation :meth:`evaluate` runs), best of two runs after a warm-up,
-        and return the faster per stage, e.g. ``{"train": "vmap", "test": "loop"}``. A path that fails
-        (out of memory, an operation vmap cannot batch) or whose peak grows past :attr:`memory_budget`
-        loses. Nothing is updated: gradients are taken with ``torch.autograd.grad``."""
-        if self.tasks != "auto":
-            return None
-        leaves = self.meta_parameters()
-
-        def train_step() -> None:
-            torch.autograd.grad(self.loss(train)[0], leaves, allow_unused=True)
-
-        def test_step() -> None:
-            self.evaluate(test)
-
-        was_training, was_tuned, was_step = self.training, self._tuned, self.train_step
-        # the heaviest regime the run reaches: second order, the multi-step loss annealed away
-        self.train_step = max(self.first_order_steps, self.msl_steps)
-        choice = {}
-        try:
-            for stage, run, training in (("train", train_step, True), ("test", test_step, False)):
-                self.train(training)
-                seconds = {}
-                for path in ("loop", "vmap"):
-                    self._tuned = {stage: path}
-                    seconds[path] = _seconds(run, self.memory_budget, train.support.device)
-                if min(seconds.values()) == math.inf:  # neither runs: show the loop's own error
-                    self._tuned = {stage: "loop"}
-                    run()
-                choice[stage] = min(seconds, key=seconds.__getitem__)
-        finally:
-            self.train(was_training)
-            self._tuned, self.train_step = was_tuned, was_step
-        return choice
-
-    def use_tuning(self, choice: dict[str, str] | None) -> None:
-        self._tuned = dict(choice or {})
+        examples = batch.support.shape[1] + batch.query.shape[1]
+        return batch.support.device.type != "cpu" or not self._has_conv or examples <= VMAP_MAX_EXAMPLES
 
     # -- the Method interface -----------------------------------------------------------------
     def loss(self, batch: Episode) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -572,7 +478,7 @@ class MAML(Method):
         steps = self.inner_steps
         first_order = self.first_order or self.train_step < self.first_order_steps
         weights = msl_weights(self.train_step, steps, self.msl_steps)
-        if self._use_vmap(batch, "train"):
+        if self._use_vmap(batch):
             if weights is None:
                 pred = self._vmap_adapt(params, batch, steps, first_order)
                 losses = torch.vmap(self.task_loss)(pred, batch.query_labels)
@@ -625,7 +531,7 @@ class MAML(Method):
         ``test_inner_steps``) inner steps, without meta-gradients: [B, steps + 1, Q, ...]."""
         steps = self.test_inner_steps if steps is None else steps
         params = {n: p.detach().requires_grad_(n in self.adapted) for n, p in self.params().items()}
-        if self._use_vmap(batch, "test"):
+        if self._use_vmap(batch):
             with torch.no_grad():
                 return self._vmap_adapt(params, batch, steps, True, record_from=0)
         per_task = []
