@@ -3,7 +3,7 @@
 from metashot.config import Config
 from metashot.data import Episode, EpisodeSampler, FewShotDataset, Omniglot, episode_loader
 from metashot.evaluate import Result, evaluate
-from metashot.methods import METHODS, Method, MetricMethod, ProtoNet, RBFKernel
+from metashot.methods import METHODS, KernelMethod, Method, ProtoNet, RBFKernel, kernel
 from metashot.nn import MLP, Conv4
 from metashot.runs import evaluate_run
 from metashot.train import Trainer, train
@@ -18,8 +18,8 @@ __all__ = [
     "Episode",
     "EpisodeSampler",
     "FewShotDataset",
+    "KernelMethod",
     "Method",
-    "MetricMethod",
     "Omniglot",
     "ProtoNet",
     "RBFKernel",
@@ -30,3 +30,7 @@ __all__ = [
     "evaluate_run",
     "train",
 ]
+
+
+def __getattr__(name: str) -> object:
+    return getattr(kernel, name)  # MetricMethod, KernelMethod's deprecated name

@@ -17,9 +17,9 @@ from metashot.data.tasks import OmniglotSource
 from metashot.evaluate import evaluate
 from metashot.methods import (
     METHODS,
+    KernelMethod,
     MatchingKernel,
     MatchingNetwork,
-    MetricMethod,
     ProtoNet,
     PrototypeKernel,
     RBFKernel,
@@ -118,7 +118,7 @@ def test_kernel_rule_reproduces_protonet(distance: str, shots: int) -> None:
     encoder = Conv4().double().eval()
     ep = random_episode(ways=4, shots=shots, queries=3, dtype=torch.float64)
     with torch.no_grad():
-        rule = MetricMethod(encoder, PrototypeKernel(distance)).log_probs(ep)
+        rule = KernelMethod(encoder, PrototypeKernel(distance)).log_probs(ep)
         direct = ProtoNet(encoder, distance).log_probs(ep)
     torch.testing.assert_close(rule, direct)
     assert torch.equal(rule.argmax(-1), direct.argmax(-1))
@@ -131,7 +131,7 @@ def test_kernel_rule_reproduces_matching_networks(fce: bool) -> None:
     net = MatchingNetwork(fce=fce, processing_steps=3).double().eval()
     ep = random_episode(ways=4, shots=2, queries=3, dtype=torch.float64)
     with torch.no_grad():
-        rule = MetricMethod(net.encoder, net.kernel).log_probs(ep)
+        rule = KernelMethod(net.encoder, net.kernel).log_probs(ep)
         support, query = net.embed(ep)
         if fce:
             support = net.kernel.encode_support(support)
@@ -159,7 +159,7 @@ def test_one_shot_protonet_and_matching_coincide() -> None:
 
 
 def test_a_user_kernel_trains() -> None:
-    """MetricMethod(encoder, RBFKernel()) learns to ignore noisy dimensions of a toy problem."""
+    """KernelMethod(encoder, RBFKernel()) learns to ignore noisy dimensions of a toy problem."""
     g = torch.Generator().manual_seed(0)
     means = torch.randn(20, 4, generator=g)  # 20 classes, 4 informative dims; 12 dims of loud noise
 
@@ -173,7 +173,7 @@ def test_a_user_kernel_trains() -> None:
                        labels.repeat_interleave(queries, 1))
 
     torch.manual_seed(0)
-    method = MetricMethod(nn.Linear(16, 16), RBFKernel(sigma=2.0))
+    method = KernelMethod(nn.Linear(16, 16), RBFKernel(sigma=2.0))
     opt = torch.optim.Adam(method.parameters(), lr=1e-2)
     losses = []
     for _ in range(150):

@@ -3,8 +3,9 @@
 from metashot.batches import TaskInfo
 from metashot.config import Config
 from metashot.errors import ConfigError
+from metashot.methods import kernel
 from metashot.methods.base import Method
-from metashot.methods.kernel import MetricMethod, RBFKernel, class_log_probs
+from metashot.methods.kernel import KernelMethod, RBFKernel, class_log_probs
 from metashot.methods.maml import MAML, MAMLRegression
 from metashot.methods.mann import MANN, LSTMBaseline
 from metashot.methods.matching import MatchingKernel, MatchingNetwork
@@ -42,9 +43,9 @@ __all__ = [
     "MAML",
     "MAMLRegression",
     "MatchingKernel",
+    "KernelMethod",
     "MatchingNetwork",
     "Method",
-    "MetricMethod",
     "PrototypeKernel",
     "ProtoNet",
     "RBFKernel",
@@ -52,3 +53,7 @@ __all__ = [
     "build_method",
     "class_log_probs",
 ]
+
+
+def __getattr__(name: str) -> object:
+    return getattr(kernel, name)  # MetricMethod, KernelMethod's deprecated name

@@ -8,7 +8,8 @@ Prototypical and Matching Networks are two kernels; a user's kernel plugs in the
 
 from __future__ import annotations
 
-from typing import Protocol
+import warnings
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -34,12 +35,12 @@ def class_log_probs(log_weights: torch.Tensor, support_labels: torch.Tensor, way
     return masked.logsumexp(dim=2)
 
 
-class MetricMethod(Method):
+class KernelMethod(Method):
     """Embed support and query in one pass of ``encoder``, then apply the kernel rule.
 
     encoder: [M, *input_shape] -> [M, D]; kernel: see :class:`Kernel`. The loss is the negative log
     of the rule's probability of the true label. Images and convolution weights are kept channels-last,
-    the layout the CPU and GPU convolution kernels run fastest in (about 1.5x on Conv4 on a CPU).
+    the layout the CPU and GPU convolution kernels run fastest in.
     """
 
     def __init__(self, encoder: nn.Module, kernel: nn.Module) -> None:
@@ -87,3 +88,11 @@ class RBFKernel(nn.Module):
     ) -> torch.Tensor:
         d = torch.cdist(query, support).pow(2)
         return (-d / (2 * self.log_sigma.exp() ** 2)).log_softmax(dim=-1)
+
+
+def __getattr__(name: str) -> Any:
+    """``MetricMethod``, the old name of :class:`KernelMethod` (it clashed with ``Method.metric``)."""
+    if name == "MetricMethod":
+        warnings.warn("MetricMethod is now KernelMethod", DeprecationWarning, stacklevel=2)
+        return KernelMethod
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

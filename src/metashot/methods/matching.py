@@ -3,7 +3,7 @@
 The prediction is the metric rule (eq. 1) y^ = sum_i a(x^, x_i) y_i with the attention kernel (eq. 2)
 a(x^, x_i) = exp(c(f(x^), g(x_i))) / sum_j exp(c(f(x^), g(x_j))), c the cosine similarity. Training
 minimises -log P(y | x^, S) of that attention-summed probability (eq. 3), which is what
-:class:`~metashot.methods.kernel.MetricMethod` does.
+:class:`~metashot.methods.kernel.KernelMethod` does.
 
 Without full context embeddings (FCE), f = g = the embedding network (the paper's Conv4). With FCE
 (appendix A):
@@ -28,7 +28,7 @@ from torch import nn
 
 from metashot.batches import TaskInfo
 from metashot.methods.base import Method
-from metashot.methods.kernel import MetricMethod
+from metashot.methods.kernel import KernelMethod
 from metashot.nn.backbones import feature_size, make_backbone
 
 
@@ -80,7 +80,7 @@ class MatchingKernel(nn.Module):
         return (self.scale * cos).log_softmax(dim=-1)
 
 
-class MatchingNetwork(MetricMethod):
+class MatchingNetwork(KernelMethod):
     """Matching Networks: the metric rule with the attention kernel on an embedding network.
 
     encoder maps [M, C, H, W] to [M, dim] (by default the paper's Conv4 for 1-channel images, D = 64);

@@ -15,7 +15,7 @@ from torch import nn
 
 from metashot.batches import Episode, TaskInfo
 from metashot.methods.base import Method
-from metashot.methods.kernel import MetricMethod
+from metashot.methods.kernel import KernelMethod
 from metashot.nn.backbones import make_backbone
 
 
@@ -59,7 +59,7 @@ class PrototypeKernel(nn.Module):
         return log_p.gather(2, support_labels.unsqueeze(1).expand(-1, query.shape[1], -1))
 
 
-class ProtoNet(MetricMethod):
+class ProtoNet(KernelMethod):
     """Prototypical Networks: the metric rule with the prototype kernel.
 
     encoder maps [M, C, H, W] to [M, D] (by default the paper's Conv4 for 1-channel images);
