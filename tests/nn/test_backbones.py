@@ -214,3 +214,24 @@ def test_method_args_hidden_is_the_backbones_width() -> None:
     assert {m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d)} == {16}
     with pytest.raises(ConfigError, match="backbone_args {'hidden': 32} do not fit backbone 'resnet12'"):
         build_method(Config(method="protonet", backbone="resnet12", method_args={"hidden": 32}), info)
+
+
+def test_the_maml_presets_normalise_as_the_reference_eps_1e3_and_no_learned_scale() -> None:
+    from metashot import presets
+    from metashot.batches import Episode
+
+    method = build_method(presets.get("maml-omniglot-5w1s"), TaskInfo((1, 28, 28), 5, 5))
+    norms = [m for m in method.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 4 and all(m.eps == 1e-3 and not m.weight.requires_grad for m in norms)
+    x = torch.randn(6, 64, 3, 3) * 0.01 + 1
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False, keepdim=True)
+    torch.testing.assert_close(norms[1](x), (x - mean) / torch.sqrt(var + 1e-3))  # scale 1, shift 0
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(5).expand(2, 5)
+    images = torch.rand(2, 10, 1, 28, 28, generator=g)
+    batch = Episode(images[:, :5], labels, images[:, 5:], labels)
+    optimizer = torch.optim.Adam(method.parameters(), 1e-2)
+    method.loss(batch)[0].backward()
+    optimizer.step()
+    assert all(torch.equal(m.weight, torch.ones(64)) and m.weight.grad is None for m in norms)
+    assert all(m.bias.abs().sum() > 0 for m in norms)  # the shift is learned
