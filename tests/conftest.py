@@ -1,14 +1,32 @@
 """Shared fixtures. Omniglot is found as the library finds it: ``$METASHOT_DATA``, else the user cache
 (``~/.cache/metashot``), else downloaded there with its checksum. With no copy and no network, the tests
-that need it skip and say how to get it; the others run."""
+that need it skip and say how to get it; the others run.
+
+Two sets: ``omniglot_dir``/``omniglot`` are all 1623 characters (the papers' splits), whose first decode
+takes a while, so every test that asks for them is marked slow here; ``omniglot_small_dir`` and
+``omniglot_small`` are a few whole alphabets of the real zips, decoded for each session in seconds."""
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import pytest
 
+from metashot.data import omniglot as omniglot_module
 from metashot.data.omniglot import ZIPS, Omniglot, OmniglotError, default_root, download, user_cache_dir
+
+FULL_SET_FIXTURES = frozenset({"omniglot_dir", "omniglot"})
+# two alphabets of each zip: 50 background and 45 evaluation characters, 1,900 images
+SMALL_ALPHABETS = {"images_background": ("Greek", "Latin"), "images_evaluation": ("Angelic", "Tengwar")}
+SMALL_CHARACTERS = 95
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark slow every test on the full Omniglot: on a fresh clone its fixtures decode all of it."""
+    for item in items:
+        if FULL_SET_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +59,38 @@ def omniglot_dir(omniglot_source: Path, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="session")
 def omniglot(omniglot_dir: Path) -> Omniglot:
     return Omniglot.load(omniglot_dir, image_size=28)
+
+
+def _write_small_zips(source: Path, target: Path) -> None:
+    """Copy the members of ``SMALL_ALPHABETS`` from the official zips in ``source`` to zips of the same
+    names and layout in ``target``."""
+    for stem, alphabets in SMALL_ALPHABETS.items():
+        with zipfile.ZipFile(source / f"{stem}.zip") as src, \
+                zipfile.ZipFile(target / f"{stem}.zip", "w") as dst:
+            for info in src.infolist():
+                parts = info.filename.split("/")
+                if parts[1] in ("", *alphabets):  # the top folder, or inside a chosen alphabet
+                    dst.writestr(info, src.read(info))
+
+
+@pytest.fixture
+def small_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let ``Omniglot.load`` build caches of the small set: it checks for all 1623 characters."""
+    monkeypatch.setattr(omniglot_module, "NUM_CHARACTERS", SMALL_CHARACTERS)
+
+
+@pytest.fixture(scope="session")
+def omniglot_small_dir(omniglot_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of the small set's two zips and their caches at 20 and 28 px (the tasks' sizes)."""
+    root = tmp_path_factory.mktemp("omniglot-small")
+    _write_small_zips(omniglot_source, root)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(omniglot_module, "NUM_CHARACTERS", SMALL_CHARACTERS)
+        for size in (20, 28):
+            Omniglot.load(root, image_size=size)
+    return root
+
+
+@pytest.fixture(scope="session")
+def omniglot_small(omniglot_small_dir: Path) -> Omniglot:
+    return Omniglot.load(omniglot_small_dir, image_size=28)

@@ -1,4 +1,7 @@
-"""Omniglot on the real zips: counts, splits, cache, download and bad input."""
+"""Omniglot on the real zips: counts, splits, cache, download and bad input.
+
+The counts and splits are of the full set (slow on a fresh clone: see conftest); the cache tests use
+the small set of a few alphabets."""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ import http.server
 import io
 import shutil
 import threading
-import time
 import zipfile
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from metashot.data import omniglot as omniglot_module
 from metashot.data.omniglot import ZIPS as STEMS
 from metashot.data.omniglot import Omniglot, OmniglotError, _read_zip, download
 
@@ -69,28 +72,42 @@ def test_rotations_are_new_classes(omniglot: Omniglot) -> None:
     assert torch.equal(rotated.images[n], torch.rot90(plain.images[0], 1, dims=(2, 3)))
 
 
-def test_cache_is_reused_and_fast(omniglot_dir: Path, omniglot: Omniglot) -> None:
-    caches = sorted(omniglot_dir.glob("omniglot-28px-*.npz"))
+def test_a_few_alphabets_decode_to_their_layout(omniglot_small: Omniglot) -> None:
+    """The small set the fast tests use: whole alphabets of the real zips, decoded as the full set is."""
+    assert omniglot_small.images.shape == (95, 20, 28, 28)
+    assert sorted(set(omniglot_small.alphabets)) == ["Angelic", "Greek", "Latin", "Tengwar"]
+    assert int(omniglot_small.background.sum()) == 26 + 24
+    assert omniglot_small.images.float().mean() < 60
+    assert bool((omniglot_small.images.flatten(2).amax(-1) > 128).all())
+
+
+def _no_build(*args: object) -> None:
+    raise AssertionError("the cache was rebuilt")
+
+
+def test_cache_is_reused(
+    omniglot_small_dir: Path, omniglot_small: Omniglot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caches = sorted(omniglot_small_dir.glob("omniglot-28px-*.npz"))
     assert len(caches) == 1
     mtime = caches[0].stat().st_mtime_ns
-    start = time.perf_counter()
-    again = Omniglot.load(omniglot_dir, image_size=28)
-    assert time.perf_counter() - start < 2.0
+    monkeypatch.setattr(omniglot_module, "_build_cache", _no_build)
+    again = Omniglot.load(omniglot_small_dir, image_size=28)
     assert caches[0].stat().st_mtime_ns == mtime
-    assert torch.equal(again.images, omniglot.images)
+    assert torch.equal(again.images, omniglot_small.images)
 
 
-def test_changed_zips_or_size_rebuild(tmp_path: Path, omniglot_source: Path, omniglot: Omniglot) -> None:
+def test_changed_zips_or_size_rebuild(tmp_path: Path, omniglot_small_dir: Path, small_builds: None) -> None:
     for z in ZIPS:
-        shutil.copy(omniglot_source / z, tmp_path / z)
+        shutil.copy(omniglot_small_dir / z, tmp_path / z)
     with zipfile.ZipFile(tmp_path / ZIPS[1], "a") as f:
         f.comment = b"changed"  # new bytes, same images
     small = Omniglot.load(tmp_path, image_size=14)
-    assert small.images.shape == (1623, 20, 14, 14)
+    assert small.images.shape == (95, 20, 14, 14)
     caches = list(tmp_path.glob("omniglot-*.npz"))
     assert [c.name.split("-")[1] for c in caches] == ["14px"]
-    # the cache key is not the unchanged zips' key
-    assert caches[0].name.split("-")[2] not in {c.name.split("-")[2] for c in omniglot_source.glob("*.npz")}
+    unchanged = {c.name.split("-")[2] for c in omniglot_small_dir.glob("*.npz")}
+    assert caches[0].name.split("-")[2] not in unchanged
     assert not list(tmp_path.glob(".*"))  # no temporary file left
 
 
@@ -162,7 +179,7 @@ def server(served: Path) -> str:
     """An HTTP server on 127.0.0.1 serving ``served``."""
     handler = functools.partial(_Quiet, directory=str(served))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}/"
     httpd.shutdown()
@@ -197,13 +214,14 @@ def test_offline_message_names_files_and_folder(tmp_path: Path, server: str) -> 
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow
-def test_damaged_cache_is_named_and_rebuilt(tmp_path: Path, omniglot_dir: Path, omniglot: Omniglot) -> None:
+def test_damaged_cache_is_named_and_rebuilt(
+    tmp_path: Path, omniglot_small_dir: Path, omniglot_small: Omniglot, small_builds: None
+) -> None:
     for z in ZIPS:
-        (tmp_path / z).symlink_to((omniglot_dir / z).resolve())
-    name = next(omniglot_dir.glob("omniglot-28px-*.npz")).name
+        (tmp_path / z).symlink_to((omniglot_small_dir / z).resolve())
+    name = next(omniglot_small_dir.glob("omniglot-28px-*.npz")).name
     (tmp_path / name).write_bytes(b"PK\x03\x04 not a whole npz")
     with pytest.warns(UserWarning, match=rf"{name}: damaged Omniglot cache .*; rebuilding it"):
         again = Omniglot.load(tmp_path, image_size=28)
-    assert torch.equal(again.images, omniglot.images)
-    assert np.load(tmp_path / name)["images"].shape == (1623, 20, 28, 28)
+    assert torch.equal(again.images, omniglot_small.images)
+    assert np.load(tmp_path / name)["images"].shape == (95, 20, 28, 28)

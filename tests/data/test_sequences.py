@@ -62,17 +62,24 @@ def test_loader_gathers_and_augments_a_batch() -> None:
     assert torch.equal(aug.x, again.x)  # seeded
 
 
-def test_omniglot_sequence_source(omniglot_dir: Path) -> None:
-    cfg = Config(method="mann", task="omniglot-sequences", ways=5, meta_batch=2, data_dir=str(omniglot_dir),
-                 task_args={"labels": "string", "classes": 15})
+def test_omniglot_sequence_source(omniglot_small_dir: Path) -> None:
+    cfg = Config(method="mann", task="omniglot-sequences", ways=5, meta_batch=2,
+                 data_dir=str(omniglot_small_dir),
+                 task_args={"labels": "string", "classes": 15, "split": "official", "val_characters": 6})
     source = build_source(cfg)
     info = source.info
     assert (info.input_shape, info.ways, info.label_groups, info.label_values) == ((1, 20, 20), 15, 5, 5)
     batch = next(iter(source.loader("test", 4, seed=0)))
     assert batch.x.shape == (2, 150, 1, 20, 20) and batch.y.shape == (2, 150, 5)
-    assert source.dataset("train").num_classes == 4 * (1200 - 172)
-    assert source.dataset("test").num_classes == 4 * 423
+    # the small set: 50 background characters (6 of them for validation) and 45 evaluation ones
+    parts = [source.dataset(p).num_classes for p in ("train", "val", "test")]
+    assert parts == [4 * (50 - 6), 4 * 6, 4 * 45]
     with pytest.raises(ValueError, match="task_args"):
         build_source(cfg.replace(task_args={"bogus": 1}))
 
 
+def test_omniglot_sequence_source_has_the_papers_split(omniglot_dir: Path) -> None:
+    source = build_source(Config(method="mann", task="omniglot-sequences", data_dir=str(omniglot_dir)))
+    assert source.dataset("train").num_classes == 4 * (1200 - 172)
+    assert source.dataset("test").num_classes == 4 * 423
+    assert source.dataset("train").flat.shape[1:] == (1, 20, 20)

@@ -92,7 +92,8 @@ def _source(task: str, tmp_path: Path, omniglot_dir: Path | None, meta_batch: in
         return build_source(Config(task=task, data_dir=str(_folder(tmp_path)), ways=2, shots=1, queries=2,
                                    meta_batch=meta_batch, task_args={"image_size": 3}))
     return build_source(Config(method="mann" if task == "omniglot-sequences" else "protonet", task=task,
-                               data_dir=str(omniglot_dir), ways=3, shots=1, queries=2, meta_batch=meta_batch))
+                               data_dir=str(omniglot_dir), ways=3, shots=1, queries=2, meta_batch=meta_batch,
+                               task_args={"split": "official", "val_characters": 6}))
 
 
 TASKS = ["sinusoid", "folder", "omniglot", "omniglot-sequences"]
@@ -100,7 +101,7 @@ TASKS = ["sinusoid", "folder", "omniglot", "omniglot-sequences"]
 
 @pytest.fixture
 def data_dir(request: pytest.FixtureRequest, task: str) -> Path | None:
-    return request.getfixturevalue("omniglot_dir") if task.startswith("omniglot") else None
+    return request.getfixturevalue("omniglot_small_dir") if task.startswith("omniglot") else None
 
 
 @pytest.mark.parametrize("task", TASKS)
