@@ -51,8 +51,8 @@ def _error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
     (["--ways", "0"], "--ways must be at least 1, got 0"),
     (["--shots", "0"], "--shots must be at least 1, got 0"),
     (["--queries", "-1"], "--queries must be at least 0, got -1"),
-    (["--max-episodes", "0"], "--max-episodes must be at least 1, got 0"),
-    (["--max-episodes", "-5"], "--max-episodes must be at least 1, got -5"),
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--max-episodes", "-5"], "--steps must be at least 1, got -5"),
     (["--max-minutes", "-1"], "--max-minutes must be a positive number of minutes, got -1.0"),
     (["--val-every", "0"], "--val-every must be at least 1, got 0"),
     (["--test-episodes", "0"], "--test-episodes must be at least 1, got 0"),
@@ -70,7 +70,7 @@ def _error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
     (["--set", 'ways="five"'], '--set: ways must be an integer, got "five"'),
     (["--set", "method_args=5"], "--set: method_args must be a JSON object, got 5"),
     (["--set", "schedule=sometimes"], "schedule must be one of step, cosine, constant, got 'sometimes'"),
-    (["--set", 'method_args={"bogus": 1}'], "method_args {'inner_lr': 0.01, "),
+    (["--set", 'method_args={"bogus": 1}'], "method_args: unknown key 'bogus' for maml; known: adapt_norm, "),
     (["--ways", "x"], "argument --ways: invalid int value: 'x'"),
 ])
 def test_bad_options_are_one_line_errors(args: list[str], message: str, tmp_path: Path,
@@ -83,7 +83,8 @@ def test_bad_options_are_one_line_errors(args: list[str], message: str, tmp_path
 @pytest.mark.parametrize(("args", "message"), [
     (["--ways", "11"], "folder, val classes: 11-way episodes need 11 classes"),
     (["--ways", "2", "--shots", "4", "--queries", "3"], "folder, val classes: shots + queries = 4 + 3 = 7"),
-    (["--set", 'task_args={"bogus": 1}'], "folder: unknown folder task_args ['bogus']"),
+    (["--set", 'task_args={"bogus": 1}'],
+     "task_args: unknown key 'bogus' for folder; known: channels, fractions, image_size, small_classes"),
 ])
 def test_episode_shapes_are_checked_against_the_data_before_training(
     args: list[str], message: str, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
@@ -151,7 +152,7 @@ def test_resume_keeps_the_runs_recipe(run: Path, capsys: pytest.CaptureFixture) 
     capsys.readouterr()
     assert Config.load(run / "config.json").steps == 4
     err = _error([*SINE, "--resume", "--run-dir", str(run), "--lr", "0.1"], capsys)
-    assert "--resume continues the run as configured; it cannot change --lr (only --max-episodes" in err
+    assert "--resume continues the run as configured; it cannot change --lr (only --steps" in err
     assert cli.main([*SINE, "--resume", "--run-dir", str(run), "--max-episodes", "6", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["episodes"] == 5
     # the run's own preset may be repeated (torchrun restarts a group with its first command line)

@@ -17,7 +17,6 @@ from metashot.errors import ConfigError, RunFolderError
 from metashot.evaluate import Result
 from metashot.methods import build_method
 from metashot.runs import summarize_runs
-from metashot.train import make_scheduler
 
 TARGET = torch.tensor([1.0, -2.0, 0.5])
 
@@ -75,7 +74,7 @@ def test_each_optimizer_follows_its_update_rule(optimizer: str, args: dict) -> N
 
 def _lrs(cfg: Config) -> list[float]:
     opt = cfg.make_optimizer([torch.zeros(1, requires_grad=True)])
-    sched = make_scheduler(cfg, opt)
+    sched = cfg.make_scheduler(opt)
     lrs = []
     for _ in range(cfg.steps):
         lrs.append(opt.param_groups[0]["lr"])

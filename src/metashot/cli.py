@@ -65,8 +65,9 @@ def _config_options(p: argparse.ArgumentParser) -> None:
         hint = hints[f.name]
         kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
         kind = next(typing.get_origin(k) or k for k in kinds if k is not type(None))
-        p.add_argument(option_name(f.name), dest=f.name, type=_json_object if kind is dict else kind,
-                       metavar="JSON" if kind is dict else None, help=f.metadata["help"])
+        p.add_argument(option_name(f.name), *f.metadata["aliases"], dest=f.name,
+                       type=_json_object if kind is dict else kind, metavar="JSON" if kind is dict else None,
+                       help=f.metadata["help"])
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -151,26 +152,11 @@ def _takes_string(kind: Any) -> bool:
     return kind is str or str in getattr(kind, "__args__", ())
 
 
-def _changes(args: argparse.Namespace, base: Config) -> dict[str, Any]:
-    """The config fields the command line sets explicitly, over ``base``."""
+def _changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields the command line sets explicitly, as given (the last of an option given twice);
+    :meth:`Config.override` applies them."""
     given = [(f.name, v) for f in options() if (v := getattr(args, f.name)) is not None]
-    given += [_parse_set(item) for item in args.set]
-    # another optimizer or backbone than the base's starts from no arguments: the base's are for its own
-    dropped = {f"{kind}_args": {} for kind in ("optimizer", "backbone")
-               if dict(given).get(kind, getattr(base, kind)) != getattr(base, kind)}
-    base = base.replace(**dropped)
-    changes: dict[str, Any] = {}
-    for key, value in given:
-        # a dict (method_args, task_args) updates the base's: --method-args '{"fce": true}' keeps
-        # the preset's other method arguments
-        if isinstance(value, dict) and isinstance(current := getattr(base, key), dict):
-            value = current | value
-        changes[key] = value
-    changes = dropped | changes
-    # a changed test shot changes the training shot too (the papers train with the test shot)
-    if "shots" in changes:
-        changes.setdefault("train_shots", changes["shots"])
-    return changes
+    return dict(given + [_parse_set(item) for item in args.set])
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -182,12 +168,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
         # the run's own preset is allowed: torchrun restarts a group with its first command line
         if args.preset is not None and args.preset != saved.preset:
             raise ConfigError(f"--resume continues the run's own recipe ({saved.preset}); drop --preset")
-        return resume_config(saved, _changes(args, saved))
+        return resume_config(saved, saved.override(**_changes(args)).to_dict())
     name = args.preset or presets.default_preset(args.method, args.task)
     cfg = presets.get(name) if name else Config(method=args.method)
     if cfg.method != args.method:
         raise ConfigError(f"preset {name!r} is for {cfg.method}, not {args.method}")
-    return cfg.replace(**_changes(args, cfg)).validate()
+    return cfg.override(**_changes(args))
 
 
 def _run_dir(args: argparse.Namespace, cfg: Config | None) -> Path:

@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import json
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 import torch
 
+from metashot.arguments import check_args, matches, method_arg_types, task_arg_types, type_name
 from metashot.errors import ConfigError
 
 # Fields added after runs were first saved, with the value that reproduces the older behaviour, so that
@@ -26,11 +26,13 @@ SCHEDULES = ("step", "cosine", "constant")
 OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}
 
 
-def option(default: Any, help: str) -> Any:
-    """A config field with a command-line option: ``--name`` (see :func:`option_name`), ``help`` its text."""
+def option(default: Any, help: str, aliases: tuple[str, ...] = ()) -> Any:
+    """A config field with a command-line option: ``--name`` (see :func:`option_name`), ``help`` its text,
+    ``aliases`` other spellings the command line accepts (older names)."""
+    metadata = {"help": help, "aliases": aliases}
     if isinstance(default, dict):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -66,7 +68,8 @@ class Config:
     train_queries: int | None = option(None, "queries per class in training; default: --queries")
     meta_batch: int = option(1, "episodes per optimizer step, over all processes")
     steps: int = option(20_000, "training length in optimizer steps: one episode each for protonet "
-                        "and matching, one meta-batch of --meta-batch episodes for maml, mann and lstm")
+                        "and matching, one meta-batch of --meta-batch episodes for maml, mann and lstm",
+                        aliases=("--max-episodes",))
     max_minutes: float | None = option(None, "stop after this many minutes of training (validation "
                                        "excluded); default: no limit")
     backbone: str | None = option(None, "network: conv4, conv4-strided, resnet12, mlp or "
@@ -102,7 +105,28 @@ class Config:
         return self.seed if self.split_seed is None else self.split_seed
 
     def replace(self, **changes: Any) -> Config:
+        """The fields ``changes`` set as given (:meth:`override` applies them as the command line does)."""
         return dataclasses.replace(self, **changes)
+
+    def override(self, **changes: Any) -> Config:
+        """This config with ``changes`` applied as ``metashot train --preset`` applies its options, validated.
+
+        A dict (``method_args``, ``task_args``, ``backbone_args``, ``optimizer_args``) updates this
+        config's; another ``optimizer`` or ``backbone`` than this config's starts from no arguments (this
+        config's are for its own) but those ``changes`` gives; ``shots`` sets ``train_shots`` too unless
+        ``changes`` sets it (the papers train with the test shot).
+        """
+        names = [f.name for f in dataclasses.fields(self)]
+        if unknown := sorted(set(changes) - set(names)):
+            raise ConfigError(f"unknown config fields {unknown}; known: {', '.join(names)}")
+        fields: dict[str, Any] = {f"{kind}_args": {} for kind in ("optimizer", "backbone")
+                                  if changes.get(kind, getattr(self, kind)) != getattr(self, kind)}
+        for key, value in changes.items():
+            current = fields.get(key, getattr(self, key))
+            fields[key] = current | value if isinstance(value, dict) and isinstance(current, dict) else value
+        if "shots" in changes:
+            fields.setdefault("train_shots", changes["shots"])
+        return self.replace(**fields).validate()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -110,6 +134,8 @@ class Config:
     def validate(self) -> Config:
         """Raise :class:`ConfigError` naming the first value that cannot be used; return ``self``."""
         check_types(self.to_dict(), "config")
+        check_args("method_args", self.method, self.method_args, method_arg_types(self.method))
+        check_args("task_args", self.task, self.task_args, task_arg_types(self.task))
         at_least = {
             "ways": 1, "shots": 1, "queries": 0, "train_ways": 1, "train_shots": 1, "train_queries": 0,
             "meta_batch": 1, "steps": 1, "lr_step": 1, "val_every": 1, "val_episodes": 1,
@@ -149,6 +175,21 @@ class Config:
                 f"optimizer_args {json.dumps(self.optimizer_args)} do not fit {self.optimizer} ({e})"
             ) from None
 
+    def make_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        """torch's schedule :attr:`schedule` of ``optimizer``, stepped once per optimizer step, after
+        :attr:`warmup` steps of linear warm-up (factor (k + 1) / (warmup + 1) at step k)."""
+        lr = torch.optim.lr_scheduler
+        if self.schedule == "step":
+            main: lr.LRScheduler = lr.StepLR(optimizer, self.lr_step, self.lr_gamma)
+        elif self.schedule == "cosine":
+            main = lr.CosineAnnealingLR(optimizer, max(self.steps - self.warmup, 1), eta_min=self.lr_min)
+        else:
+            main = lr.LambdaLR(optimizer, lambda _: 1.0)
+        if not self.warmup:
+            return main
+        warm = lr.LinearLR(optimizer, 1 / (self.warmup + 1), total_iters=self.warmup)
+        return lr.SequentialLR(optimizer, [warm, main], milestones=[self.warmup])
+
     def save(self, path: Path) -> None:
         from metashot.io import atomic_write_text
 
@@ -186,7 +227,7 @@ class Config:
 
 def option_name(name: str) -> str:
     """The command-line spelling of a config field, for messages."""
-    return {"steps": "--max-episodes"}.get(name, "--" + name.replace("_", "-"))
+    return "--" + name.replace("_", "-")
 
 
 def options() -> list[dataclasses.Field]:
@@ -198,30 +239,11 @@ def field_types() -> dict[str, Any]:
     return typing.get_type_hints(Config)
 
 
-def _matches(value: Any, kind: Any) -> bool:
-    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
-        return any(_matches(value, k) for k in typing.get_args(kind))
-    if kind is type(None):
-        return value is None
-    if kind is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    origin = typing.get_origin(kind) or kind
-    return isinstance(value, origin)
-
-
-def type_name(kind: Any) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", type(None): "null", dict: "a JSON object"}
-    args = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
-    return " or ".join(names.get(typing.get_origin(a) or a, str(a)) for a in args)
-
-
 def check_types(data: dict[str, Any], source: str) -> None:
     """Raise :class:`ConfigError` for the first field of ``data`` whose value has the wrong type."""
     hints = field_types()
     for name, value in data.items():
-        if name in hints and not _matches(value, hints[name]):
+        if name in hints and not matches(value, hints[name]):
             raise ConfigError(
                 f"{source}: {name} must be {type_name(hints[name])}, got {json.dumps(value)}"
             )

@@ -54,23 +54,6 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
-def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    """torch's schedule ``cfg.schedule``, stepped once per optimizer step, after ``cfg.warmup`` steps
-    of linear warm-up (factor (k + 1) / (warmup + 1) at step k)."""
-    lr = torch.optim.lr_scheduler
-    after = cfg.steps - cfg.warmup
-    if cfg.schedule == "step":
-        main: lr.LRScheduler = lr.StepLR(optimizer, cfg.lr_step, cfg.lr_gamma)
-    elif cfg.schedule == "cosine":
-        main = lr.CosineAnnealingLR(optimizer, max(after, 1), eta_min=cfg.lr_min)
-    else:
-        main = lr.LambdaLR(optimizer, lambda _: 1.0)
-    if not cfg.warmup:
-        return main
-    warm = lr.LinearLR(optimizer, 1 / (cfg.warmup + 1), total_iters=cfg.warmup)
-    return lr.SequentialLR(optimizer, [warm, main], milestones=[cfg.warmup])
-
-
 class Trainer:
     """Meta-trains ``cfg.method`` on ``cfg.task`` into ``run_dir``.
 
@@ -118,7 +101,7 @@ class Trainer:
         self.method = build_method(cfg, self.source.info).to(self.device)
         self.running_stats = RunningStats(self.method, self.world)
         self.optimizer = cfg.make_optimizer(self.method.parameters())
-        self.scheduler = make_scheduler(cfg, self.optimizer)
+        self.scheduler = cfg.make_scheduler(self.optimizer)
         self.step = 0
         self.elapsed = 0.0
         self.out_of_time = False
