@@ -251,6 +251,13 @@ def test_each_task_sources_declared_arguments_are_the_ones_it_takes(task: str, f
         assert all(getattr(source, k) == v for k, v in sample.items())
 
 
+def test_a_saved_maml_run_config_still_loads(tmp_path: Path) -> None:
+    saved = presets.get("maml-omniglot-5w1s").replace(method_args={
+        "inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": 3, "tasks": "loop", "checkpoint": True})
+    saved.save(tmp_path / "config.json")
+    assert Config.load(tmp_path / "config.json") == saved
+
+
 def test_an_unregistered_task_source_takes_any_arguments() -> None:
     assert task_arg_types("custom") is None
     Config(task="custom", task_args={"anything": [1, 2]}).validate()

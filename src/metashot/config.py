@@ -52,7 +52,11 @@ class Config:
     ``split_seed`` draws the split of classes into train, validation and test (null: ``seed``, as runs
     saved before it existed); ``seed`` the initialisation and the episodes. ``backbone`` is a name in
     :data:`metashot.nn.BACKBONES` or ``package.module:factory``, built with ``backbone_args`` (null: the
-    method's own network, as in its paper).
+    method's own network, as in its paper). ``method_args`` and ``task_args`` take the keys and types
+    of the method's and the task source's arguments (:mod:`metashot.arguments`).
+
+    :meth:`override` changes a config as ``metashot train`` options change a preset; :meth:`replace`
+    sets fields as given.
     """
 
     method: str = "protonet"
