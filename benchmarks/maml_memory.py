@@ -7,7 +7,7 @@ meta-batch 16 (the preset's), at 1, 5, 10, 25 and 50 inner steps, for
 
 - ``metashot-loop``: ``MAML(tasks="loop")``, built by ``presets.get`` + ``build_method`` with ``inner_steps``
   changed (each task's query loss back-propagated as soon as it is known: one task's graph at a time);
-- ``metashot-loop-checkpoint``: the same with ``checkpoint=True`` (each second-order inner step recomputed
+- ``metashot-loop-checkpoint``: the same with ``recompute=True`` (each second-order inner step recomputed
   in the backward pass; only its input parameters kept);
 - ``higher``, ``torchopt``, ``learn2learn``: the peers, each as ``maml_speed.py`` runs it, on the same
   network (the module metashot's preset builds), one task's graph at a time as well.
@@ -59,7 +59,7 @@ def build_maml(steps: int, checkpoint: bool, adapt_norm: bool) -> tuple[Any, Any
 
     cfg = get(PRESET)
     args = {**cfg.method_args, "inner_steps": steps, "test_inner_steps": steps, "tasks": "loop",
-            "checkpoint": checkpoint, "adapt_norm": adapt_norm}
+            "recompute": checkpoint, "adapt_norm": adapt_norm}
     cfg = cfg.replace(method_args=args)
     return build_method(cfg, TaskInfo((1, 28, 28), cfg.ways, cfg.train_ways)), cfg
 

@@ -42,7 +42,7 @@ from torch import nn
 
 CASES = ["metashot-auto", "metashot-loop", "metashot-loop-graph", "metashot-vmap", "torch-loop",
          "torch-loop-per-task", "higher", "torchopt", "learn2learn"]
-# on request only (--cases): the loop with gradient checkpointing per inner step (MAML(checkpoint=True))
+# on request only (--cases): the loop with gradient checkpointing per inner step (MAML(recompute=True))
 EXTRA_CASES = ["metashot-loop-checkpoint"]
 PEERS = ["higher", "torchopt", "learn2learn"]
 
@@ -112,7 +112,7 @@ def step_fn(case: str, model: nn.Module, a: argparse.Namespace) -> Callable[[tup
         tasks = {"metashot-vmap": "vmap", "metashot-auto": "auto"}.get(case, "loop")
         method = MAML(model, lr, steps, first_order=not second, adapt_norm=a.adapt_norm, tasks=tasks,
                       per_task_backward=case != "metashot-loop-graph",
-                      checkpoint=case == "metashot-loop-checkpoint")
+                      recompute=case == "metashot-loop-checkpoint")
         return metashot_step(method)
 
     opt = torch.optim.Adam(model.parameters(), 1e-3)
@@ -142,7 +142,7 @@ def step_fn(case: str, model: nn.Module, a: argparse.Namespace) -> Callable[[tup
     if case == "torch-loop-per-task":  # metashot's loop written plainly: its overhead is the difference
         from torch.func import functional_call
 
-        from metashot.methods.maml import split_params
+        from metashot.methods.inner_params import split_params
 
         adapted, _ = split_params(model, a.adapt_norm)
 

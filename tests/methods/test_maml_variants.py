@@ -1,6 +1,6 @@
 """MAML's variants, each against its defining change: MAML++ (multi-step loss, derivative-order annealing,
-per-step batch norm, learned per-layer per-step rates), ANIL, Meta-SGD and the checkpointed inner loop;
-their state in checkpoints, and the presets that use them."""
+per-step batch norm, learned per-layer per-step rates), ANIL, Meta-SGD and the recomputed (gradient-
+checkpointed) inner loop, and their state in checkpoints; their presets are in test_maml_build.py."""
 
 from __future__ import annotations
 
@@ -11,18 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metashot import presets
 from metashot.batches import Episode, TaskInfo
-from metashot.methods import METHODS
 from metashot.methods.inner_loop import msl_weights
 from metashot.methods.maml import MAML, MAMLRegression
 from metashot.nn.backbones import Conv4
 from tests.methods.test_maml import _images, _one_thread  # noqa: F401 (a fixture)
-
-NEW_PRESETS = [
-    *(f"mamlpp-omniglot-{w}w{k}s" for w in (5, 20) for k in (1, 5)),
-    "anil-omniglot-5w1s", "anil-omniglot-20w1s", "metasgd-omniglot-5w1s", "metasgd-omniglot-20w1s",
-]
 
 
 def _net(ways: int = 3, hidden: int = 6, inductive: bool = False) -> nn.Module:
@@ -301,7 +294,7 @@ def test_checkpointed_inner_loop_gives_the_same_second_order_meta_gradient(steps
     torch.manual_seed(0)
     model, batch = _net(), _batch(size=8)
     plain = _grad(MAML(model, 0.3, steps), batch)
-    checkpointed = MAML(model, 0.3, steps, checkpoint=True)
+    checkpointed = MAML(model, 0.3, steps, recompute=True)
     torch.testing.assert_close(_grad(checkpointed, batch), plain, rtol=1e-6, atol=1e-10)
     first = _grad(MAML(model, 0.3, steps, first_order=True), batch)
     assert (first - plain).norm() > 1e-3 * plain.norm()  # the check tells second order from first
@@ -311,7 +304,7 @@ def test_checkpointing_with_every_mamlpp_option_and_running_statistics() -> None
     torch.manual_seed(0)
     model, batch = _net(inductive=True), _batch(size=8)
     kwargs = dict(inner_steps=3, learned_lr="lslr", per_step_bn=True, msl_steps=50, batch_norm="inductive")
-    plain, checkpointed = MAML(model, 0.3, **kwargs), MAML(model, 0.3, checkpoint=True, **kwargs)
+    plain, checkpointed = MAML(model, 0.3, **kwargs), MAML(model, 0.3, recompute=True, **kwargs)
     plain.on_step(10)
     checkpointed.on_step(10)
     torch.testing.assert_close(_grad(checkpointed, batch), _grad(plain, batch), rtol=1e-6, atol=1e-10)
@@ -319,8 +312,8 @@ def test_checkpointing_with_every_mamlpp_option_and_running_statistics() -> None
     for (n, a), b in zip(plain.step_norm.named_buffers(), checkpointed.step_norm.buffers()):
         torch.testing.assert_close(b, a, msg=n)
     with pytest.raises(ValueError, match="tasks='loop'"):
-        MAML(_net(), checkpoint=True, tasks="vmap")
-    assert MAML(_net(), checkpoint=True).tasks == "loop"
+        MAML(_net(), recompute=True, tasks="vmap")
+    assert MAML(_net(), recompute=True).tasks == "loop"
 
 
 class _Held:
@@ -353,20 +346,20 @@ def test_checkpointed_inner_loop_memory_does_not_grow_with_activations() -> None
     batch = _images(1, 5, 1, 1)
 
     def growth(checkpoint: bool) -> tuple[int, int]:
-        one, ten = (_saved_bytes(MAML(model, 0.1, s, checkpoint=checkpoint, per_task_backward=False), batch)
-                    for s in (1, 10))
+        one, ten = (_saved_bytes(MAML(model, 0.1, s, tasks="loop", recompute=checkpoint,
+                                      per_task_backward=False), batch) for s in (1, 10))
         return one, ten - one
 
     plain_one, plain_growth = growth(False)
     ckpt_one, ckpt_growth = growth(True)
-    # per inner step the checkpointed loop keeps the step's input parameters (30 KB here) instead of its
-    # second-order graph (770 KB)
+    # per inner step the recomputed loop keeps the step's input parameters instead of its second-order
+    # graph, which is over ten times larger here
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     assert ckpt_growth <= 9 * 1.5 * params < 0.1 * plain_growth
     assert ckpt_one < plain_one
 
 
-# -- state, presets ----------------------------------------------------------------------------------------
+# -- state -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("learned_lr", ["lslr", "metasgd"])
 def test_learned_rates_and_per_step_norm_round_trip_through_the_state_dict(learned_lr: str) -> None:
     torch.manual_seed(0)
@@ -392,28 +385,3 @@ def test_learned_rates_and_per_step_norm_round_trip_through_the_state_dict(learn
     fresh.eval()
     batch = _images(2, 5, 1, 2, seed=1)
     torch.testing.assert_close(fresh.step_predictions(batch), method.step_predictions(batch))
-
-
-def test_new_presets_describe_the_papers_recipes() -> None:
-    for w in (5, 20):
-        for k in (1, 5):
-            cfg = presets.get(f"mamlpp-omniglot-{w}w{k}s")
-            a = cfg.method_args
-            assert cfg.schedule == "cosine" and cfg.lr == 1e-3 and cfg.meta_batch == 8
-            assert a["inner_steps"] == a["test_inner_steps"] == 5 and a["inner_lr"] == 0.1
-            assert a["learned_lr"] == "lslr" and a["per_step_bn"] and a["msl_steps"] == 10 * 500
-            assert a["first_order_steps"] == 50 * 500 and (cfg.ways, cfg.shots) == (w, k)
-    assert presets.get("anil-omniglot-5w1s").method_args["inner_params"] == "head"
-    assert presets.get("metasgd-omniglot-5w1s").method_args["learned_lr"] == "metasgd"
-
-
-@pytest.mark.parametrize("name", NEW_PRESETS)
-def test_new_presets_build_and_take_a_step(name: str) -> None:
-    torch.manual_seed(0)
-    cfg = presets.get(name)
-    method = METHODS[cfg.method].build(TaskInfo((1, 28, 28), 5, 5), **cfg.method_args)
-    method.on_step(0)
-    loss, metrics = method.loss(_images(2, 5, 1, 1))
-    loss.backward()
-    assert torch.isfinite(loss) and metrics["acc"].shape == (2,)
-    assert all(p.grad is not None for p in method.meta_parameters())

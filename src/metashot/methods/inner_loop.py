@@ -1,15 +1,40 @@
-"""Pieces of MAML's inner loop that its variants add (see :class:`~metashot.methods.maml.MAML`): the
-multi-step loss weights and per-step batch norm of MAML++, and an inner step recomputed in the backward
-pass (memory-efficient second-order MAML)."""
+"""Pieces of MAML's inner loop that its variants add (see :class:`~metashot.methods.maml.MAML`), each a
+constructor argument and a ``method_args`` key:
+
+- MAML++ (Antoniou, Edwards & Storkey, ICLR 2019, "How to train your MAML", section 4).
+  ``msl_steps``: multi-step loss, L = sum_{i=1..S} v_i L^query(theta_i) over the S inner steps, the
+  weights v annealed from uniform toward the last step over the first ``msl_steps`` optimizer steps,
+  then the last step's loss alone (:func:`msl_weights`).
+  ``first_order_steps``: derivative-order annealing, first order while the optimizer step (given by
+  ``on_step``) is below it, second order from it on.
+  ``per_step_bn``: per-step batch norm, a scale and shift (BNWB) and, with ``batch_norm="inductive"``,
+  running statistics (BNRS) per inner step for every batch-norm layer of the model, substituted through
+  ``functional_call`` (:class:`PerStepBatchNorm`). As in the authors' code, inner step k's support pass
+  (at theta_k) and the query pass after it (at theta_{k+1}) use set k; the query before adaptation uses
+  set 0.
+  ``learned_lr="lslr"``: learned per-layer per-step learning rates, theta_{k+1} = theta_k - alpha_{l,k}
+  grad_l L^support(theta_k), one alpha per parameter tensor l and inner step k, initialised to
+  ``inner_lr`` and meta-learned (:func:`learned_rates`).
+  The cosine annealing of the outer learning rate is the trainer's (``Config.schedule="cosine"``).
+- Meta-SGD (Li, Zhou, Chen & Li 2017, section 3): ``learned_lr="metasgd"``, theta' = theta - alpha o
+  grad L^support(theta) with alpha a meta-learned tensor of each parameter's shape (o: elementwise),
+  initialised to ``inner_lr``.
+- Memory-efficient MAML (gradient checkpointing, Chen et al. 2016, per inner step): ``recompute=True``
+  keeps only each second-order inner step's input parameters and recomputes the step in the backward
+  pass (:func:`recomputed_step`), so the memory of the activations no longer grows with the inner steps;
+  the meta-gradient prod_k (I - alpha H_k) grad L^query(theta_S) is the same. It runs in the loop only.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+Params = dict[str, torch.Tensor]
 # floor of a non-final step's weight, times the number of steps (the authors' code: 0.03 / S)
 MSL_FLOOR = 0.03
 
@@ -72,6 +97,22 @@ class PerStepBatchNorm(nn.Module):
         return [name for name, attr in self.names if attr.startswith(("weight_", "bias_"))]
 
 
+def learned_rates(
+    model: nn.Module, adapted: Sequence[str], kind: str, sets: int, inner_lr: float
+) -> nn.ParameterList | None:
+    """The meta-learned inner learning rates of the ``adapted`` tensors, initialised to ``inner_lr``:
+    for ``kind="lslr"`` (MAML++) one alpha_{l,k} per tensor l and inner step k ([sets] each), for
+    ``"metasgd"`` an alpha_l of each tensor's shape; None for ``"none"``."""
+    params = dict(model.named_parameters())
+    if kind == "lslr":
+        return nn.ParameterList(
+            torch.full((sets,), inner_lr, dtype=params[n].dtype, device=params[n].device) for n in adapted
+        )
+    if kind == "metasgd":
+        return nn.ParameterList(torch.full_like(params[n].detach(), inner_lr) for n in adapted)
+    return None
+
+
 class _Recomputed(torch.autograd.Function):
     """outputs = fn(inputs), keeping only the inputs; the backward recomputes fn with a graph."""
 
@@ -117,4 +158,32 @@ def recomputed(
     return list(_Recomputed.apply(fn, list(buffers), *inputs))
 
 
-__all__ = ["PerStepBatchNorm", "msl_weights", "recomputed"]
+def recomputed_step(
+    step: Callable[[Params, Params, list[Any], bool], Params],
+    adapted: Sequence[str],
+    params: Params,
+    norm: Params,
+    lrs: list[Any],
+    buffers: Sequence[torch.Tensor] = (),
+) -> Params:
+    """``step(params, norm, lrs, create_graph)``, an inner step giving the ``adapted`` tensors after it,
+    to second order through :func:`recomputed`: its inputs are the tensors of ``params``, ``norm`` (the
+    batch-norm tensors) and ``lrs`` (the step sizes) that require gradients."""
+    names = [n for n, p in params.items() if p.requires_grad]
+    keys = [k for k, t in norm.items() if t.requires_grad]
+    rates = [i for i, lr in enumerate(lrs) if isinstance(lr, torch.Tensor)]
+
+    def fn(ts: list[torch.Tensor], create_graph: bool) -> list[torch.Tensor]:
+        it = iter(ts)  # the tensors below, in their order
+        p = {**params, **{n: next(it) for n in names}}
+        nm = {**norm, **{k: next(it) for k in keys}}
+        r = list(lrs)
+        for i in rates:
+            r[i] = next(it)
+        return list(step(p, nm, r, create_graph).values())
+
+    inputs = [params[n] for n in names] + [norm[k] for k in keys] + [lrs[i] for i in rates]
+    return dict(zip(adapted, recomputed(fn, inputs, buffers)))
+
+
+__all__ = ["PerStepBatchNorm", "learned_rates", "msl_weights", "recomputed", "recomputed_step"]
