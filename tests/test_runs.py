@@ -4,6 +4,7 @@ Every run here is MAML on sinusoids (no data needed, a fraction of a second a st
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from metashot import io as metashot_io
 from metashot.config import Config
 from metashot.errors import NonFiniteError, RunFolderError
 from metashot.runs import RunFolder, load_checkpoint
@@ -155,3 +157,29 @@ def test_divergence_in_the_weights_is_caught_and_names_the_last_good_checkpoint(
     with pytest.raises(NonFiniteError, match=msg):
         trainer.fit()
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 10
+
+
+def test_a_save_that_fails_leaves_every_file_as_it_was(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = RunFolder(tmp_path)
+    folder.open(_cfg(), resume=False)
+    try:
+        folder.save({"step": 1, "rows": [], "method": {}}, best={"step": 1, "method": {}})
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+        real = metashot_io._write_temporary
+
+        def full(path: Path, write: object) -> str:  # best.pt and last.pt are written, then the disk fills
+            if path.name == "metrics.csv":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(path, write)
+
+        monkeypatch.setattr(metashot_io, "_write_temporary", full)
+        with pytest.raises(RunFolderError) as e:
+            folder.save({"step": 2, "rows": [], "method": {}}, best={"step": 2, "method": {}})
+    finally:
+        folder.close()
+    assert str(e.value) == (f"{tmp_path}: cannot write the checkpoint (No space left on device); nothing was "
+                            f"half-written; the last checkpoint, {tmp_path / 'last.pt'}, is intact and "
+                            "--resume continues from it")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 1

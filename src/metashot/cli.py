@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import types
 import typing
 from pathlib import Path
@@ -54,6 +55,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its last.pt, as configured; options given "
                    "may change only its length, time limit, device, data folder and test episodes")
+    p.add_argument("--trust-code", action="store_true",
+                   help="let the run folder's config.json choose the code to run: a backbone factory "
+                   "(package.module:factory) it names is imported only with this option or the same "
+                   "--backbone")
     p.add_argument("--json", action="store_true", help="print the test result as one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -92,6 +97,12 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shots", type=int, help="support examples per class; default: the run's")
     p.add_argument("--checkpoint", default="best.pt", help="checkpoint in the run folder; default: best.pt")
     p.add_argument("--device", help="device; default: the run's")
+    p.add_argument("--backbone", help="the run's own backbone factory (package.module:factory), allowed "
+                   "to run as its config.json names it")
+    p.add_argument("--trust-code", action="store_true",
+                   help="let the run folder's config.json choose the code to run: a backbone factory "
+                   "(package.module:factory) it names is imported only with this option or the same "
+                   "--backbone")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -164,7 +175,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     from metashot.runs import RunFolder, resume_config
 
     if args.resume:
-        saved = RunFolder(_run_dir(args, None)).load_config()
+        saved = RunFolder(_run_dir(args, None)).load_config(args.trust_code, args.backbone)
         # the run's own preset is allowed: torchrun restarts a group with its first command line
         if args.preset is not None and args.preset != saved.preset:
             raise ConfigError(f"--resume continues the run's own recipe ({saved.preset}); drop --preset")
@@ -190,8 +201,17 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
+def _on_sigterm(signum: int, frame: Any) -> NoReturn:
+    """SIGTERM outside a training step stops the command as SIGINT does, with exit status 143."""
+    from metashot.train import Interrupted
+
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where signals can be handled
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         return _run(args)
     except MetashotError as e:
@@ -205,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         signum = getattr(e, "signum", signal.SIGINT)
         print(f"metashot: stopped by {signal.Signals(signum).name}", file=sys.stderr)
         return 128 + signum
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -252,7 +275,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         _positive(args, "test_episodes", "ways", "shots")
         result = evaluate_run(args.run_dir, args.test_episodes, args.checkpoint, args.device,
-                              not args.no_progress, args.ways, args.shots)
+                              not args.no_progress, args.ways, args.shots, args.trust_code, args.backbone)
     _print(result, args.json)
     return 0
 
@@ -270,6 +293,10 @@ def _train(args: argparse.Namespace) -> tuple[int, Result | None]:
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and args.run_dir is not None:
         # torchrun restarted the group after a failure: continue the run from its last checkpoint
         args.resume = RunFolder(args.run_dir).exists()
+    if args.resume and args.run_dir is not None and RunFolder(args.run_dir).unstarted():
+        print(f"metashot: {args.run_dir} has no config.json (stopped before its first save); starting it "
+              "afresh with this command's config", file=sys.stderr)
+        args.resume = False
     cfg = config_from_args(args)
     trainer = Trainer(cfg, _run_dir(args, cfg), resume=args.resume, progress=not args.no_progress)
     trainer.fit()

@@ -17,15 +17,22 @@ import fcntl
 import io
 import json
 import os
+import pickle
+import re
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from metashot.config import Config, check_device, option_name
 from metashot.errors import CheckpointError, ConfigError, RunFolderError
 from metashot.evaluate import Result, SeedSummary
-from metashot.io import atomic_write, atomic_write_text
+from metashot.io import atomic_write, atomic_write_all, atomic_write_text
+from metashot.nn.backbones import is_factory_path
 
 if TYPE_CHECKING:
     from metashot.data.tasks import TaskSource
@@ -36,10 +43,14 @@ CSV_FIELDS = ["step", "episodes", "minutes", "lr", "train_loss", "train_metric",
 RESUMABLE = ("steps", "max_minutes", "device", "test_episodes", "data_dir")
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+def _serialized(state: dict[str, Any]) -> Callable[[IO[bytes]], None]:
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+    return lambda f: f.write(buffer.getbuffer())
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    atomic_write(path, _serialized(state))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -52,11 +63,51 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for a damaged or foreign file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e).strip() or type(e).__name__
+        reason = text.splitlines()[0]
+        if isinstance(e, pickle.UnpicklingError) and text.startswith("Weights only load failed"):
+            # around its unpickler's reason torch advises loading with weights_only=False: never here
+            if found := re.search(r"GLOBAL ([\w.]+)", text):  # a function or class to import and call
+                raise CheckpointError(f"{path}: this file would run code when read (it names "
+                                      f"{found.group(1)}); metashot loads only tensors and plain data, so "
+                                      "it is not a metashot checkpoint") from e
+            found = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
+            reason = found.group(1).strip() if found else "not a pickle of tensors and plain data"
         raise CheckpointError(f"{path}: truncated, corrupt or not a metashot checkpoint ({reason})") from e
     if not isinstance(state, dict) or "method" not in state:
         raise CheckpointError(f"{path}: not a metashot checkpoint (no 'method' weights in it)")
     return state
+
+
+def _first(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def mismatch(module: nn.Module, weights: Any) -> str | None:
+    """What keeps ``weights`` from loading into ``module`` (its first mismatching keys), else None."""
+    if not isinstance(weights, dict):
+        return f"the weights are {type(weights).__name__}, not a dict of tensors"
+    own = module.state_dict()
+    shape = {k: tuple(getattr(v, "shape", ())) for k, v in weights.items()}
+    sizes = [f"{k} {list(shape[k])} (the network's: {list(v.shape)})"
+             for k, v in own.items() if k in shape and shape[k] != tuple(v.shape)]
+    problems = [f"{what}: {_first(keys)}" for what, keys in (
+        ("not tensors", [k for k, v in weights.items() if k in own and not isinstance(v, torch.Tensor)]),
+        ("size mismatch", sizes),
+        ("missing keys", [k for k in own if k not in weights]),
+        ("unexpected keys", [k for k in weights if k not in own]),
+    ) if keys]
+    return "; ".join(problems) or None
+
+
+def load_weights(module: nn.Module, weights: Any, path: Path, cfg_path: Path | None = None) -> None:
+    """``module.load_state_dict(weights)``, else a :class:`CheckpointError` naming the checkpoint
+    ``path`` (and the config ``cfg_path`` the network was built from) and the first keys that do not fit."""
+    problem = mismatch(module, weights)
+    if problem is not None:
+        built = f"the network of {cfg_path}" if cfg_path is not None else "the network"
+        raise CheckpointError(f"{path}: its weights do not fit {built} ({problem})")
+    module.load_state_dict(weights)
 
 
 def resume_config(saved: Config, changes: dict[str, Any]) -> Config:
@@ -94,10 +145,28 @@ class RunFolder:
     def exists(self) -> bool:
         return self.config_path.exists()
 
-    def load_config(self) -> Config:
+    def unstarted(self) -> bool:
+        """A folder that a kill left before its ``config.json`` was saved: empty, or only the lock and
+        temporaries."""
+        return self.path.is_dir() and all(p.name == ".lock" or (p.name.startswith(".") and p.suffix == ".tmp")
+                                          for p in self.path.iterdir())
+
+    def load_config(self, trust_code: bool = False, backbone: str | None = None) -> Config:
+        """The run's ``config.json``. A config read from disk never chooses code to run: one that names a
+        backbone factory (``package.module:factory``) is refused, before anything is imported, unless the
+        caller names the same factory (``backbone``: the command line's ``--backbone``) or ``trust_code``."""
+        if self.path.is_file():
+            raise RunFolderError(f"{self.path}: is a file, not a run folder")
         if not self.path.is_dir():
             raise RunFolderError(f"{self.path}: no such run folder")
-        return Config.load(self.config_path)
+        cfg = Config.load(self.config_path)
+        if is_factory_path(cfg.backbone) and not trust_code and backbone != cfg.backbone:
+            raise RunFolderError(
+                f"{self.config_path} names the backbone factory {cfg.backbone}, code that a config read from "
+                f"disk may not run; if you trust this run folder, pass --backbone {cfg.backbone} (or "
+                "--trust-code)"
+            )
+        return cfg
 
     def open(self, cfg: Config, resume: bool) -> bool:
         """Take the folder for training: lock it, clear leftover temporaries, save ``cfg`` when new.
@@ -153,33 +222,64 @@ class RunFolder:
     def load_last(self, map_location: str | torch.device = "cpu") -> dict[str, Any]:
         """``last.pt``, with ``metrics.csv`` rebuilt from its rows (a kill may have left it behind)."""
         state = load_checkpoint(self.last, map_location)
-        self.write_rows(state["rows"])
+        rows = state.get("rows")
+        if not (isinstance(rows, list) and all(isinstance(r, dict) and sorted(r) == sorted(CSV_FIELDS)
+                                               and isinstance(r["step"], int) for r in rows)):
+            raise CheckpointError(f"{self.last}: its 'rows' are not metrics rows (a list of dicts of "
+                                  f"{', '.join(CSV_FIELDS)}); the checkpoint is damaged or not metashot's")
+        self.write_rows(rows)
         return state
 
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """An OSError while writing ``what`` (a full disk, a read-only folder) as one RunFolderError."""
+        try:
+            yield
+        except OSError as e:
+            kept = "nothing was half-written"
+            if what == "the checkpoint":
+                kept += (f"; the last checkpoint, {self.last}, is intact and --resume continues from it"
+                         if self.last.exists() else "; no checkpoint was saved before")
+            raise RunFolderError(f"{self.path}: cannot write {what} ({e.strerror or e}); {kept}") from e
+
     def save(self, state: dict[str, Any], best: dict[str, Any] | None = None) -> None:
-        """One consistent state: ``best.pt`` if it improved, then ``last.pt``, then the CSV of its rows."""
+        """One consistent state: ``best.pt`` if it improved, ``last.pt`` and the CSV of its rows, each
+        written in full before any is renamed into place."""
         if not self.writer:
             return
-        if best is not None:
-            save_checkpoint(self.best, best)
-        save_checkpoint(self.last, state)
-        self.write_rows(state["rows"])
+        files = {self.best: _serialized(best)} if best is not None else {}
+        files |= {self.last: _serialized(state), self.path / "metrics.csv": _csv(state["rows"])}
+        with self._writing("the checkpoint"):
+            atomic_write_all(files)
 
     def write_rows(self, rows: list[dict[str, Any]]) -> None:
-        if not self.writer:
-            return
-        text = io.StringIO()
-        writer = csv.DictWriter(text, CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(self.path / "metrics.csv", text.getvalue())
+        if self.writer:
+            with self._writing("metrics.csv"):
+                atomic_write(self.path / "metrics.csv", _csv(rows))
 
-    def weights(self, checkpoint: str = "best.pt", map_location: str | torch.device = "cpu") -> dict:
-        """The method's weights from ``checkpoint``, falling back to ``last.pt`` when there is none yet."""
-        path = self.path / checkpoint
-        if not path.exists() and checkpoint == "best.pt" and self.last.exists():
-            path = self.last
-        return load_checkpoint(path, map_location)["method"]
+    def checkpoint_path(self, name: str = "best.pt") -> Path:
+        """The checkpoint ``name`` in the folder (``best.pt`` falls back to ``last.pt`` while there is
+        none yet); a path out of the folder (absolute, with ``..``, a link out) is refused."""
+        path = self.path / name
+        if (Path(name).is_absolute() or ".." in Path(name).parts
+                or not path.resolve().is_relative_to(self.path.resolve())):
+            raise RunFolderError(f"--checkpoint {name}: not in the run folder {self.path}; give the name of "
+                                 "a checkpoint in it, such as best.pt or last.pt")
+        return self.last if not path.exists() and name == "best.pt" and self.last.exists() else path
+
+    def best_weights(self, method: nn.Module) -> dict[str, torch.Tensor] | None:
+        """``best.pt``'s weights for ``method``, or None (with a warning) when it is lost, damaged or
+        does not fit: resuming needs only ``last.pt``."""
+        try:
+            weights = load_checkpoint(self.best)["method"]
+            if (problem := mismatch(method, weights)) is not None:
+                raise CheckpointError(f"{self.best}: its weights do not fit the network ({problem})")
+        except CheckpointError as e:
+            if self.writer:
+                print(f"metashot: warning: {e}; the test takes the last weights unless a validation beats "
+                      "the best so far", file=sys.stderr)
+            return None
+        return weights
 
     def method(self, cfg: Config, checkpoint: str = "best.pt") -> tuple[TaskSource, Method]:
         """The task source of ``cfg`` (checked against the data) and the method on ``cfg.device`` with the
@@ -190,12 +290,22 @@ class RunFolder:
         check_device(cfg.device)
         source = checked_source(cfg)
         method = build_method(cfg, source.info).to(cfg.device)
-        method.load_state_dict(self.weights(checkpoint, cfg.device))
+        path = self.checkpoint_path(checkpoint)
+        load_weights(method, load_checkpoint(path, cfg.device)["method"], path, self.config_path)
         return source, method
 
     def write_result(self, result: Result, name: str = "result.json") -> None:
         if self.writer:
-            atomic_write_text(self.path / name, result.to_json() + "\n")
+            with self._writing(name):
+                atomic_write_text(self.path / name, result.to_json() + "\n")
+
+
+def _csv(rows: list[dict[str, Any]]) -> Callable[[IO[bytes]], None]:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return lambda f: f.write(text.getvalue().encode())
 
 
 def evaluate_run(
@@ -206,15 +316,22 @@ def evaluate_run(
     progress: bool = False,
     ways: int | None = None,
     shots: int | None = None,
+    trust_code: bool = False,
+    backbone: str | None = None,
 ) -> Result:
     """Evaluate a finished or interrupted run from its folder (``best.pt``, else ``last.pt``).
 
-    Writes ``result.json``, or ``result-{ways}w{shots}s.json`` for another episode shape.
+    Writes ``result.json``, or ``result-{ways}w{shots}s.json`` for another episode shape. A backbone
+    factory the run's config names is built only with ``trust_code`` or when ``backbone`` names it.
     """
     from metashot.evaluate import evaluate
 
     folder = RunFolder(run_dir)
-    cfg = folder.load_config()
+    cfg = folder.load_config(trust_code, backbone)
+    if backbone is not None and backbone != cfg.backbone:
+        trained = cfg.backbone or "the method's own"
+        raise ConfigError(f"{run_dir} was trained with backbone {trained}; --backbone {backbone} cannot "
+                          "change it (it only allows the run's own factory)")
     changes = {k: v for k, v in (("ways", ways), ("shots", shots)) if v is not None and v != getattr(cfg, k)}
     cfg = cfg.replace(**changes, **({"device": device} if device else {}))
     if episodes is not None:
@@ -235,7 +352,7 @@ def summarize_runs(run_dirs: list[str | Path]) -> SeedSummary:
     configs, results = [], []
     for run_dir in run_dirs:
         folder = RunFolder(run_dir)
-        cfg = folder.load_config()
+        cfg = folder.load_config(trust_code=True)  # only compared: nothing is built from it
         configs.append(cfg.replace(split_seed=cfg.class_split_seed).to_dict())
         path = folder.path / "result.json"
         try:

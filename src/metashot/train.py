@@ -26,7 +26,7 @@ from metashot.errors import ConfigError, NonFiniteError
 from metashot.evaluate import Result, evaluate
 from metashot.methods import build_method
 from metashot.methods.base import Method
-from metashot.runs import RunFolder, resume_config
+from metashot.runs import RunFolder, load_weights, resume_config
 
 CHECK_EVERY = 25  # steps between host syncs that check the loss and the weights are finite
 
@@ -74,7 +74,8 @@ class Trainer:
     ) -> None:
         self.folder = RunFolder(run_dir)
         if resume:
-            saved = self.folder.load_config()
+            # a given config chose its backbone; one read from disk may not choose code to run
+            saved = self.folder.load_config(backbone=cfg.backbone if cfg is not None else None)
             cfg = saved if cfg is None else resume_config(saved, {k: getattr(cfg, k) for k in cfg.to_dict()})
         elif cfg is None:
             raise ConfigError("a new run needs a config")
@@ -152,7 +153,7 @@ class Trainer:
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.method.load_state_dict(state["method"])
+        load_weights(self.method, state["method"], self.folder.last, self.folder.config_path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"].cpu())
@@ -161,7 +162,7 @@ class Trainer:
         self.sums = state["sums"].to(self.device)
         self.out_of_time = self._time_is_up()
         if self.best is not None:
-            self.best_weights = self.folder.weights("best.pt", "cpu")
+            self.best_weights = self.folder.best_weights(self.method)
 
     # -- signals -------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:

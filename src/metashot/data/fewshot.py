@@ -21,6 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from metashot.batches import Episode
+from metashot.io import open_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 GREY_MODES = ("1", "L", "LA")
@@ -254,7 +255,7 @@ def decode_image(path: Path, channels: int) -> tuple[np.ndarray, bool]:
     [0, 255], transparency is composited over white, palette, CMYK and YCbCr images are taken as RGB.
     Anything that cannot be taken faithfully is a ValueError naming the file and its mode.
     """
-    with Image.open(path) as im:
+    with open_image(path) as im:
         mode = im.mode
         alpha = mode.endswith("A") or "transparency" in im.info  # LA, PA, RGBA, or a transparent colour
         if mode in GREY_MODES + COLOUR_MODES:

@@ -194,6 +194,16 @@ BACKBONES: dict[str, Factory] = {
 }
 
 
+def is_factory_path(name: str | None) -> bool:
+    """Whether ``name`` names a user's ``package.module:factory``, code to import, not a registry name."""
+    return name is not None and name not in BACKBONES and ":" in name
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
 def _resolve(name: str) -> Factory:
     """The factory of a registry name or of ``package.module:factory``."""
     if name in BACKBONES:
@@ -208,6 +218,8 @@ def _resolve(name: str) -> Factory:
         raise ValueError(f"backbone {name!r}: cannot import {module!r} ({e}; is it on PYTHONPATH?)") from None
     except AttributeError:
         raise ValueError(f"backbone {name!r}: module {module!r} has no attribute {attr!r}") from None
+    except Exception as e:  # the module's own code failed as it was imported
+        raise ValueError(f"backbone {name!r}: importing {module!r} raised {_first_line(e)}") from e
     if not callable(factory):
         raise ValueError(f"backbone {name!r} is not callable ({type(factory).__name__}): expected a "
                          "factory(input_shape, **backbone_args) that returns an nn.Module")
@@ -217,13 +229,18 @@ def _resolve(name: str) -> Factory:
 def make_backbone(name: str, input_shape: tuple[int, ...], **args: object) -> nn.Module:
     """The backbone ``name`` (a key of :data:`BACKBONES` or ``package.module:factory``) for examples of
     ``input_shape`` (e.g. (1, 28, 28)), built as ``factory(input_shape, **args)``; ValueError when the
-    name, the arguments or the factory's result do not fit."""
+    name, the arguments or the factory's result do not fit, or when a user's factory raises."""
     factory = _resolve(name)
     try:
         inspect.signature(factory).bind(input_shape, **args)
     except TypeError as e:
         raise ValueError(f"backbone_args {args} do not fit backbone {name!r}: {e}") from None
-    module = factory(input_shape, **args)
+    try:
+        module = factory(input_shape, **args)
+    except Exception as e:
+        if name in BACKBONES:  # metashot's own network: a bug keeps its traceback
+            raise
+        raise ValueError(f"backbone factory {name!r} raised {_first_line(e)}") from e
     if not isinstance(module, nn.Module):
         raise ValueError(f"backbone {name!r} returned {type(module).__name__}, expected an nn.Module")
     return module
