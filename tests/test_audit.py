@@ -325,6 +325,12 @@ def test_evaluate_checkpoint_in_the_run_folder(run: Path, capsys: pytest.Capture
     _ok(["evaluate", str(run), "--checkpoint", "last.pt", "--no-progress"], capsys)
 
 
+def test_evaluate_backbone_only_allows_the_runs_own(run: Path, capsys: pytest.CaptureFixture) -> None:
+    assert _fails(["evaluate", str(run), "--backbone", "mlp", "--no-progress"], capsys) == (
+        f"{run} was trained with the method's own backbone; --backbone mlp cannot change it (it only "
+        "allows the run's own factory)")
+
+
 def test_a_corrupt_best_pt_does_not_block_resume(run: Path, capsys: pytest.CaptureFixture) -> None:
     (run / "best.pt").write_bytes(b"garbage" * 10)
     err = _ok([*SINE, "--resume", "--run-dir", str(run)], capsys)

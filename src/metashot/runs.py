@@ -4,10 +4,12 @@ A run folder holds ``config.json``, ``last.pt`` (everything to resume, the metri
 ``best.pt`` (the weights with the best validation metric), ``metrics.csv`` (the rows, rebuilt from
 ``last.pt`` after every checkpoint and on resume, so a row is never lost or ahead of the checkpoint) and,
 once tested, ``result.json``. Checkpoints hold tensors and plain data only and load with
-``torch.load(weights_only=True)``; every file is written to a temporary name and renamed, so a kill at
-any moment leaves the previous version whole, and the temporaries a kill leaves behind are removed when
-the folder is opened again. A training process holds an advisory lock on the folder. Only the writer
-(rank 0 of a distributed run) touches the disk; the others read.
+``torch.load(weights_only=True)``; every file is written to a temporary name and renamed (a
+checkpoint's files all written before any is renamed), so a kill or a full disk at any moment leaves the
+previous version whole, and the temporaries a kill leaves behind are removed when the folder is opened
+again. A training process holds an advisory lock on the folder. Only the writer (rank 0 of a distributed
+run) touches the disk; the others read. A ``config.json`` never chooses code to run: a backbone factory
+it names is imported only when the caller names the same one or trusts the folder.
 """
 
 from __future__ import annotations
@@ -329,9 +331,9 @@ def evaluate_run(
     folder = RunFolder(run_dir)
     cfg = folder.load_config(trust_code, backbone)
     if backbone is not None and backbone != cfg.backbone:
-        trained = cfg.backbone or "the method's own"
-        raise ConfigError(f"{run_dir} was trained with backbone {trained}; --backbone {backbone} cannot "
-                          "change it (it only allows the run's own factory)")
+        trained = f"backbone {cfg.backbone}" if cfg.backbone else "the method's own backbone"
+        raise ConfigError(f"{run_dir} was trained with {trained}; --backbone {backbone} cannot change it "
+                          "(it only allows the run's own factory)")
     changes = {k: v for k, v in (("ways", ways), ("shots", shots)) if v is not None and v != getattr(cfg, k)}
     cfg = cfg.replace(**changes, **({"device": device} if device else {}))
     if episodes is not None:
