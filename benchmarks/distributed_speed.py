@@ -57,7 +57,7 @@ def build(case: str, world_size: int) -> tuple[Any, Any]:
 
 def worker(a: argparse.Namespace) -> None:
     from metashot.distributed import World
-    from metashot.train import keep_freed_memory
+    from metashot.process import keep_freed_memory
 
     torch.set_num_threads(a.threads)
     keep_freed_memory()

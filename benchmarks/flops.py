@@ -278,7 +278,7 @@ def main() -> None:
     p.add_argument("--build-tries", type=int, default=3)
     p.add_argument("--build-wait-s", type=float, default=120.0)
     a = p.parse_args()
-    from metashot.train import keep_freed_memory
+    from metashot.process import keep_freed_memory
 
     keep_freed_memory()  # as the trainer runs
     for threads in a.threads:

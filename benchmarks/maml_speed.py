@@ -279,7 +279,7 @@ def setup_process(threads: int, malloc: str) -> None:
     live tensors, not what fragmentation of the heap keeps)."""
     torch.set_num_threads(threads)
     if malloc == "keep":
-        from metashot.train import keep_freed_memory
+        from metashot.process import keep_freed_memory
 
         keep_freed_memory()
     elif malloc == "tight":

@@ -17,7 +17,7 @@ Prints one JSON line per measurement:
   Both use metashot's ``Conv4`` built from the same seed, ``num_workers=0`` and ``--threads`` threads.
   ``data_share`` is the part of the step spent in ``next(loader)`` (sampling, gathering, collating).
 - ``{"bench": "ratio", ...}``: metashot's episodes/s over easyfsl's (median of the per-repeat ratios),
-  and the effect of ``metashot.train.keep_freed_memory()`` on each library.
+  and the effect of ``metashot.process.keep_freed_memory()`` on each library.
 
 ``keep_freed_memory()`` is a process-wide, irreversible glibc setting that metashot's trainer makes, so
 every repeat runs two subprocesses, one with the default allocator and one with it, one after the other;
@@ -254,7 +254,7 @@ def easyfsl_run(
 def bench_train(a: argparse.Namespace) -> None:
     """One repeat: every shape, each library in turn, under this process's allocator setting."""
     from metashot.data.omniglot import Omniglot
-    from metashot.train import keep_freed_memory
+    from metashot.process import keep_freed_memory
 
     torch.set_num_threads(a.threads)
     kept = keep_freed_memory() if a.malloc == "keep" else False
@@ -386,7 +386,7 @@ def main() -> None:
     p.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=list(LIBRARIES))
     p.add_argument("--no-easyfsl", dest="libraries", action="store_const", const=["metashot"])
     p.add_argument("--mallocs", nargs="+", default=["default", "keep"], choices=["default", "keep"],
-                   help="allocator settings to measure (keep: metashot.train.keep_freed_memory())")
+                   help="allocator settings to measure (keep: metashot.process.keep_freed_memory())")
     p.add_argument("--no-load", action="store_true", help="skip the cold/warm load measurement")
     p.add_argument("--raw", action="store_true", help="also print every repeat's own line")
     # the children's own arguments

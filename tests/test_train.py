@@ -1,8 +1,11 @@
-"""The trainer, evaluator and CLI end to end on real Omniglot."""
+"""The trainer, evaluator and CLI end to end on real Omniglot; the trainer's progress, metrics rows and
+stop signals on sinusoids."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,11 +13,14 @@ import torch
 
 from metashot import cli
 from metashot.config import Config
+from metashot.distributed import World
 from metashot.errors import CheckpointError, NonFiniteError, RunFolderError
 from metashot.evaluate import mean_ci
 from metashot.methods import METHODS
 from metashot.methods.base import Method
-from metashot.runs import evaluate_run, load_checkpoint
+from metashot.process import Interrupted, StopSignals
+from metashot.progress import Progress
+from metashot.runs import evaluate_run, load_checkpoint, save_checkpoint
 from metashot.train import Trainer
 
 
@@ -126,3 +132,79 @@ def test_cli_set_updates_the_presets_method_args() -> None:
     assert cfg.method_args == {"fce": True, "scale": 20.0} and cfg.lr == 0.01
     args = cli.parser().parse_args(["train", "matching", "--set", 'method_args={"scale": 1}'])
     assert cli.config_from_args(args).method_args == {"fce": False, "scale": 1}
+
+
+def _sine(**kw: object) -> Config:
+    base = dict(method="maml", task="sinusoid", ways=1, shots=5, queries=10, meta_batch=4, steps=30,
+                val_every=10, val_episodes=8, test_episodes=8, schedule="cosine",
+                method_args={"inner_lr": 0.01, "inner_steps": 1, "hidden": 8})
+    return Config(**{**base, **kw})
+
+
+def _csv_but_minutes(run: Path) -> list[list[str]]:
+    return [r.split(",")[:2] + r.split(",")[3:] for r in (run / "metrics.csv").read_text().splitlines()]
+
+
+def _old_row(row: dict) -> dict:
+    """A metrics row as checkpoints kept it before rows held numbers."""
+    return {"step": row["step"], "episodes": row["episodes"], "minutes": f"{row['minutes']:.3f}",
+            "lr": f"{row['lr']:.3g}", **{k: f"{row[k]:.5f}" for k in ("train_loss", "train_metric",
+                                                                      "val_metric", "val_ci95")}}
+
+
+def test_rows_hold_numbers_and_a_checkpoint_of_string_rows_resumes_to_the_same_csv(tmp_path: Path) -> None:
+    Trainer(_sine(), tmp_path / "whole", progress=False).fit()
+    rows = load_checkpoint(tmp_path / "whole" / "last.pt")["rows"]
+    assert all(type(v) is (int if k in ("step", "episodes") else float) for r in rows for k, v in r.items())
+    lines = (tmp_path / "whole" / "metrics.csv").read_text().splitlines()
+    assert lines[0] == "step,episodes,minutes,lr,train_loss,train_metric,val_metric,val_ci95"
+    assert lines[1:] == [",".join(str(v) for v in _old_row(r).values()) for r in rows]
+
+    first = Trainer(_sine(), tmp_path / "old", progress=False)
+    hook = first.method.on_step
+    first.method.on_step = lambda s: (s == 13 and os.kill(os.getpid(), signal.SIGTERM)) or hook(s)
+    first.fit()
+    state = load_checkpoint(tmp_path / "old" / "last.pt")
+    assert state["step"] == 14 and state["since"] == 4 and state["sums"].shape == (1, 2)
+    # the checkpoint as the trainer saved it before: string rows, one process's sums as a vector
+    save_checkpoint(tmp_path / "old" / "last.pt",
+                    {**state, "rows": [_old_row(r) for r in state["rows"]], "sums": state["sums"][0]})
+    Trainer(None, tmp_path / "old", resume=True, progress=False).fit()
+    resumed = load_checkpoint(tmp_path / "old" / "last.pt")["rows"]
+    assert resumed[0] == _old_row(rows[0])
+    assert [{k: v for k, v in r.items() if k != "minutes"} for r in resumed[1:]] == [
+        {k: v for k, v in r.items() if k != "minutes"} for r in rows[1:]]
+    assert _csv_but_minutes(tmp_path / "old") == _csv_but_minutes(tmp_path / "whole")
+
+
+def test_progress_restores_each_ranks_own_sums() -> None:
+    state = {"step": 14, "elapsed": 2.5, "since": 4, "best": 0.5, "rows": [],
+             "sums": torch.tensor([[1.0, 2.0], [3.0, 6.0]])}
+    for rank in (0, 1):
+        p = Progress.load(state, World(rank, 2), torch.device("cpu"))
+        assert torch.equal(p.own_sums, state["sums"][rank]) and p.step == 14 and p.since == 4
+        saved = p.state()
+        assert torch.equal(saved.pop("sums"), state["sums"])
+        assert saved == {k: v for k, v in state.items() if k != "sums"}
+    # another number of processes: every one takes the mean, so the rows' mean over ranks is kept
+    assert torch.equal(Progress.load(state, World(), torch.device("cpu")).own_sums, torch.tensor([2.0, 4.0]))
+    old = {**state, "sums": torch.tensor([1.0, 2.0])}  # rank 0's alone
+    assert torch.equal(Progress.load(old, World(1, 2), torch.device("cpu")).own_sums, old["sums"])
+
+
+def test_stop_signals_keep_one_within_a_step_and_raise_outside() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    signals = StopSignals()
+    with signals:
+        signals.in_step = True
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.pending == signal.SIGTERM
+        with pytest.raises(Interrupted) as second:
+            os.kill(os.getpid(), signal.SIGINT)
+        assert second.value.signum == signal.SIGINT and not second.value.between_steps
+    with signals:
+        assert signals.pending is None
+        with pytest.raises(Interrupted) as outside:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert outside.value.signum == signal.SIGTERM and outside.value.between_steps
+    assert signal.getsignal(signal.SIGTERM) is before

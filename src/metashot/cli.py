@@ -61,6 +61,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    "--backbone")
     p.add_argument("--json", action="store_true", help="print the test result as one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--log", type=lambda text: text.split(","), default=["csv"], metavar="NAME,...",
+                   help="where the metrics rows go: csv (RUN_DIR/metrics.csv, always written) and "
+                   "tensorboard (RUN_DIR/tensorboard/, with the learning rate and steps/s; needs "
+                   "`pip install \"metashot[tensorboard]\"`), e.g. --log csv,tensorboard")
 
 
 def _config_options(p: argparse.ArgumentParser) -> None:
@@ -287,6 +291,7 @@ def _print(result: Result | SeedSummary, as_json: bool) -> None:
 
 def _train(args: argparse.Namespace) -> tuple[int, Result | None]:
     """Train and test one run: the exit status, and the result where this process prints it."""
+    from metashot.process import keep_freed_memory
     from metashot.runs import RunFolder
     from metashot.train import Trainer
 
@@ -298,7 +303,9 @@ def _train(args: argparse.Namespace) -> tuple[int, Result | None]:
               "afresh with this command's config", file=sys.stderr)
         args.resume = False
     cfg = config_from_args(args)
-    trainer = Trainer(cfg, _run_dir(args, cfg), resume=args.resume, progress=not args.no_progress)
+    trainer = Trainer(cfg, _run_dir(args, cfg), resume=args.resume, progress=not args.no_progress,
+                      log=args.log)
+    keep_freed_memory()
     trainer.fit()
     if not trainer.finished:
         return 128 + (trainer.stopped_by or 0), None

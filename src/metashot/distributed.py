@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from metashot.errors import MetashotError
+from metashot.errors import ConfigError, MetashotError
 
 T = TypeVar("T")
 
@@ -47,8 +47,8 @@ class World:
             torch.cuda.set_device(local_rank)
         if not dist.is_initialized():
             timeout = datetime.timedelta(minutes=timeout_minutes)
-            # torchrun's agent hosts the store; after a restart the ranks must not read the dead group's
-            # addresses from it (torch 2.13 reuses its keys), so each attempt gets keys of its own
+            # torchrun's agent hosts the store, whose keys outlive a restart: each attempt gets keys of its
+            # own, so the ranks never read the dead group's addresses
             agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
             store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size,
                                   is_master=rank == 0 and not agent, timeout=timeout)
@@ -61,6 +61,25 @@ class World:
     def writer(self) -> bool:
         """Whether this process writes the run folder and talks to the user (rank 0)."""
         return self.rank == 0
+
+    @property
+    def shard(self) -> dict[str, int]:
+        """This process's share of a loader's episodes: ``source.loader(..., **world.shard)``."""
+        return {"rank": self.rank, "world_size": self.size}
+
+    def check_shares(self, meta_batch: int, val_episodes: int, test_episodes: int) -> None:
+        """Every process needs an equal share of each meta-batch and an evaluation episode at least."""
+        if meta_batch % self.size:
+            raise ConfigError(
+                f"--meta-batch {meta_batch} does not split evenly over {self.size} processes: pass a "
+                f"multiple of {self.size} (it is the global number of episodes per optimizer step; "
+                f"ProtoNet's and Matching Networks' presets train one episode per step, so pass "
+                f"--meta-batch {self.size} to train one per process)"
+            )
+        for name, episodes in (("val_episodes", val_episodes), ("test_episodes", test_episodes)):
+            if episodes < self.size:
+                raise ConfigError(f"{name} {episodes} is fewer than the {self.size} processes: every process "
+                                  "needs an episode")
 
     def device(self, name: str) -> torch.device:
         """``name`` on this rank: a CUDA device becomes this rank's local GPU."""

@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from metashot.methods.base import Method
 
 CSV_FIELDS = ["step", "episodes", "minutes", "lr", "train_loss", "train_metric", "val_metric", "val_ci95"]
+# How metrics.csv writes a row's numbers (the rest: .5f); rows of older checkpoints hold these strings.
+CSV_FORMATS = {"step": "d", "episodes": "d", "minutes": ".3f", "lr": ".3g"}
 # What a resume may change; anything else would make the run a different experiment.
 RESUMABLE = ("steps", "max_minutes", "device", "test_episodes", "data_dir")
 
@@ -306,7 +308,8 @@ def _csv(rows: list[dict[str, Any]]) -> Callable[[IO[bytes]], None]:
     text = io.StringIO()
     writer = csv.DictWriter(text, CSV_FIELDS)
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: v if isinstance(v, str) else format(v, CSV_FORMATS.get(k, ".5f"))
+                      for k, v in r.items()} for r in rows)
     return lambda f: f.write(text.getvalue().encode())
 
 
