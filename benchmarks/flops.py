@@ -14,8 +14,8 @@ and fed random inputs of the preset's training shapes:
 - ``mann-omniglot-5class-onehot``: batches of 16 sequences of 50 steps (5 classes x 10), 20x20 pixels.
 
 A training step is what the trainer runs: ``loss``, ``backward`` and an Adam step (``keep_freed_memory``
-on, ``tune`` applied as the trainer applies it: MAML runs the path its measurement picks, reported as
-``path``). Its FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` over ``loss`` +
+on, as ``metashot train``; MAML runs the path its ``tasks="auto"`` rule picks, reported as ``path``).
+Its FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` over ``loss`` +
 ``backward`` (the counter counts matrix products and convolutions, forward and backward: not batch norm,
 activations, the optimizer step or other elementwise work), with MAML's tasks in the loop: under vmap
 the counter over-counts the grouped convolutions vmap turns the tasks into. The work is the same on
@@ -280,7 +280,7 @@ def main() -> None:
     a = p.parse_args()
     from metashot.process import keep_freed_memory
 
-    keep_freed_memory()  # as the trainer runs
+    keep_freed_memory()  # as `metashot train` runs
     for threads in a.threads:
         torch.set_num_threads(threads)
         peaks = machine_peaks(a.peak_reps)

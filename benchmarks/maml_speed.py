@@ -19,7 +19,7 @@ the same parameters adapted): ``metashot-loop`` against it is the overhead of ``
 
 Peers: higher and torchopt (``pip install higher torchopt``); learn2learn if it imports (see
 ``import_learn2learn`` for the torchvision shim it needs beside a CPU-only torch). metashot runs
-as its trainer runs it, with ``keep_freed_memory()`` (glibc keeps freed buffers); ``--peer-malloc keep``
+as `metashot train` runs it, with ``keep_freed_memory()`` (glibc keeps freed buffers); ``--peer-malloc keep``
 gives the peers the same setting, for the ratio of the algorithms alone.
 """
 

@@ -19,10 +19,10 @@ Prints one JSON line per measurement:
 - ``{"bench": "ratio", ...}``: metashot's episodes/s over easyfsl's (median of the per-repeat ratios),
   and the effect of ``metashot.process.keep_freed_memory()`` on each library.
 
-``keep_freed_memory()`` is a process-wide, irreversible glibc setting that metashot's trainer makes, so
+``keep_freed_memory()`` is a process-wide, irreversible glibc setting that `metashot train` makes, so
 every repeat runs two subprocesses, one with the default allocator and one with it, one after the other;
 inside each, metashot and easyfsl alternate (who goes first alternates between repeats). The headline
-ratio, metashot as its trainer runs (``malloc: keep``) over easyfsl as it runs (``malloc: default``),
+ratio, metashot as `metashot train` runs (``malloc: keep``) over easyfsl as it runs (``malloc: default``),
 pairs the two subprocesses of the same repeat; the ratios at one allocator setting pair the two
 libraries' runs inside one process.
 
@@ -338,7 +338,7 @@ def summarize(rows: list[dict[str, Any]], a: argparse.Namespace) -> None:
                 print(json.dumps({
                     "bench": "ratio", "method": a.method, "episode": shape, "metashot_over_easyfsl": head,
                     "metashot_malloc": "keep", "easyfsl_malloc": "default",
-                    "note": "each library as it runs by default (metashot's trainer keeps freed memory)",
+                    "note": "each library as it runs by default (metashot train keeps freed memory)",
                 }), flush=True)
             for malloc in a.mallocs:
                 r = ratio(("metashot", malloc), ("easyfsl", malloc))

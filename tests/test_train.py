@@ -137,7 +137,7 @@ def test_cli_set_updates_the_presets_method_args() -> None:
 def _sine(**kw: object) -> Config:
     base = dict(method="maml", task="sinusoid", ways=1, shots=5, queries=10, meta_batch=4, steps=30,
                 val_every=10, val_episodes=8, test_episodes=8, schedule="cosine",
-                method_args={"inner_lr": 0.01, "inner_steps": 1, "hidden": 8})
+                method_args={"inner_lr": 0.01, "inner_steps": 1}, backbone_args={"hidden": 8})
     return Config(**{**base, **kw})
 
 

@@ -207,7 +207,7 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
 
 def _on_sigterm(signum: int, frame: Any) -> NoReturn:
     """SIGTERM outside a training step stops the command as SIGINT does, with exit status 143."""
-    from metashot.train import Interrupted
+    from metashot.process import Interrupted
 
     raise Interrupted(signum)
 
