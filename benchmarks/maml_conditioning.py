@@ -18,7 +18,7 @@ all but the convolution biases before batch norm (which change no output).
 Prints one JSON line per measurement:
 
     OMP_NUM_THREADS=1 python benchmarks/maml_conditioning.py --at 0 4 25 100
-    OMP_NUM_THREADS=1 python benchmarks/maml_conditioning.py --at 0 --parity
+    OMP_NUM_THREADS=1 python benchmarks/maml_conditioning.py --at --parity          # parity only
 """
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="maml-omniglot-5w1s")
     p.add_argument("--norms", nargs="+", default=list(NORMS), choices=list(NORMS))
-    p.add_argument("--at", type=int, nargs="+", default=[0, 4, 25, 100], help="training steps to measure at")
+    p.add_argument("--at", type=int, nargs="*", default=[0, 4, 25, 100],
+                   help="training steps to measure the sensitivity at (none: parity only)")
     p.add_argument("--rel", type=float, default=1e-6, help="perturbation, relative to each tensor's RMS")
     p.add_argument("--draws", type=int, default=3)
     p.add_argument("--tasks", default="loop", choices=["loop", "vmap"])
@@ -146,7 +147,8 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     for norm in a.norms:
-        sensitivity(a, norm)
+        if a.at:
+            sensitivity(a, norm)
         if a.parity:
             parity(a, norm)
 

@@ -26,7 +26,7 @@ SCALARS = [f for f in CSV_FIELDS if f != "step"]
 def _cfg(**kw: object) -> Config:
     base = dict(method="maml", task="sinusoid", ways=1, shots=5, queries=10, meta_batch=4, steps=30,
                 val_every=10, val_episodes=8, test_episodes=8, schedule="cosine",
-                method_args={"inner_lr": 0.01, "inner_steps": 1, "hidden": 8})
+                method_args={"inner_lr": 0.01, "inner_steps": 1}, backbone_args={"hidden": 8})
     return Config(**{**base, **kw})
 
 
