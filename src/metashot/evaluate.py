@@ -131,10 +131,11 @@ def evaluate(
     was_training = method.training
     method.eval()
     values: dict[str, list[torch.Tensor]] = {}
-    try:
-        for batch in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
-            for k, v in method.evaluate(batch.to(device)).items():
-                values.setdefault(k, []).append(v.detach().float().reshape(-1).cpu())
+    try:  # the bar is cleared however the loop ends, so a message after it starts its own line
+        with tqdm(batches, desc="evaluate", disable=not progress, leave=False) as bar:
+            for batch in bar:
+                for k, v in method.evaluate(batch.to(device)).items():
+                    values.setdefault(k, []).append(v.detach().float().reshape(-1).cpu())
     finally:
         method.train(was_training)
     if not values:
