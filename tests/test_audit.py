@@ -101,6 +101,16 @@ def test_a_config_from_disk_never_imports_its_backbone_factory(shipped: Path,
     assert (shipped / "MARKER").exists()
 
 
+def test_plot_sinusoid_refuses_the_factory_unless_trusted(shipped: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("matplotlib")
+    argv = ["plot-sinusoid", str(shipped), "--out", str(tmp_path / "sine.png")]
+    assert "names the backbone factory payload:make" in _fails(argv, capsys)
+    assert not (shipped / "MARKER").exists()
+    _ok([*argv, "--trust-code"], capsys)
+    assert (shipped / "MARKER").exists() and (tmp_path / "sine.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize("allow", [["--trust-code"], ["--backbone", "payload:make"]])
 def test_the_command_line_allows_the_factory(shipped: Path, allow: list[str],
                                              capsys: pytest.CaptureFixture) -> None:

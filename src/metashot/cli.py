@@ -55,10 +55,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its last.pt, as configured; options given "
                    "may change only its length, time limit, device, data folder and test episodes")
-    p.add_argument("--trust-code", action="store_true",
-                   help="let the run folder's config.json choose the code to run: a backbone factory "
-                   "(package.module:factory) it names is imported only with this option or the same "
-                   "--backbone")
+    _trust_code_option(p)
     p.add_argument("--json", action="store_true", help="print the test result as one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--log", type=lambda text: text.split(","), default=["csv"], metavar="NAME,...",
@@ -77,6 +74,13 @@ def _config_options(p: argparse.ArgumentParser) -> None:
         p.add_argument(option_name(f.name), *f.metadata["aliases"], dest=f.name,
                        type=_json_object if kind is dict else kind, metavar="JSON" if kind is dict else None,
                        help=f.metadata["help"])
+
+
+def _trust_code_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-code", action="store_true",
+                   help="let the run folder's config.json choose the code to run: a backbone factory "
+                   "(package.module:factory) it names is imported only with this option or the same "
+                   "--backbone")
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -103,10 +107,7 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="device; default: the run's")
     p.add_argument("--backbone", help="the run's own backbone factory (package.module:factory), allowed "
                    "to run as its config.json names it")
-    p.add_argument("--trust-code", action="store_true",
-                   help="let the run folder's config.json choose the code to run: a backbone factory "
-                   "(package.module:factory) it names is imported only with this option or the same "
-                   "--backbone")
+    _trust_code_option(p)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -138,6 +139,7 @@ def parser() -> argparse.ArgumentParser:
     ps.add_argument("--episode", type=int, default=0, help="which test task")
     ps.add_argument("--shots", type=int, help="K support points (default: the run's test shots)")
     ps.add_argument("--steps", type=int, nargs="+", default=[1, 10], help="inner steps to draw")
+    _trust_code_option(ps)
     pi = sub.add_parser("plot-instances", help="test accuracy by instance (MANN/LSTM), one line per run",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     pi.add_argument("results", type=Path, nargs="+", help="run folders or result.json files")
@@ -257,7 +259,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "plot-sinusoid":
         from metashot.plot import plot_sinusoid
 
-        plot_sinusoid(args.run_dir, args.out, args.episode, args.shots, tuple(args.steps))
+        plot_sinusoid(args.run_dir, args.out, args.episode, args.shots, tuple(args.steps),
+                      trust_code=args.trust_code)
         print(args.out)
         return 0
     if args.command == "plot-instances":

@@ -36,12 +36,14 @@ def plot_sinusoid(
     shots: int | None = None,
     steps: tuple[int, ...] = (1, 10),
     checkpoint: str = "best.pt",
+    trust_code: bool = False,
 ) -> None:
     """The MAML paper's sinusoid figure (Finn et al. 2017, fig. 2) for a trained ``maml-sinusoid`` run.
 
     Test task ``episode`` of the run's seed: the true function, its K support points (``shots``,
     default the run's test shots), and the model's prediction before adaptation and after each of
-    ``steps`` inner steps on those points, drawn to the PNG ``out``.
+    ``steps`` inner steps on those points, drawn to the PNG ``out``. ``trust_code`` lets the run's
+    ``config.json`` choose a backbone factory to import.
     """
     import matplotlib
 
@@ -54,7 +56,7 @@ def plot_sinusoid(
     from metashot.runs import RunFolder
 
     folder = RunFolder(run_dir)
-    cfg = folder.load_config()
+    cfg = folder.load_config(trust_code)
     if cfg.task != "sinusoid" or cfg.method != "maml":
         raise ConfigError(f"{run_dir} is a {cfg.method} run on {cfg.task}, not maml on sinusoid")
     _, method = folder.method(cfg, checkpoint)
