@@ -236,55 +236,73 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _run(args: argparse.Namespace) -> int:
-    if args.command == "presets":
-        if args.name is not None:
-            print(json.dumps(presets.get(args.name).to_dict(), indent=2))
-            return 0
-        for name, cfg in sorted(presets.PRESETS.items()):
-            print(f"{name:30} {presets.describe(cfg)}")
+def _presets(args: argparse.Namespace) -> int:
+    if args.name is not None:
+        print(json.dumps(presets.get(args.name).to_dict(), indent=2))
         return 0
-    if args.command == "summarize":
-        from metashot.runs import summarize_runs
+    for name, cfg in sorted(presets.PRESETS.items()):
+        print(f"{name:30} {presets.describe(cfg)}")
+    return 0
 
-        summary = summarize_runs(args.run_dirs)
-        _print(summary, args.json)
-        return 0
-    if args.command == "plot":
-        from metashot.plot import plot_runs
 
-        plot_runs(args.run_dirs, args.out)
-        print(args.out)
-        return 0
-    if args.command == "plot-sinusoid":
-        from metashot.plot import plot_sinusoid
+def _summarize(args: argparse.Namespace) -> int:
+    from metashot.runs import summarize_runs
 
-        plot_sinusoid(args.run_dir, args.out, args.episode, args.shots, tuple(args.steps),
-                      trust_code=args.trust_code)
-        print(args.out)
-        return 0
-    if args.command == "plot-instances":
-        from metashot.plot import instance_table, plot_instances
+    _print(summarize_runs(args.run_dirs), args.json)
+    return 0
 
-        plot_instances(args.results, args.out, args.names)
-        print(instance_table(args.results, args.names))
-        print(args.out)
-        return 0
 
+def _plot(args: argparse.Namespace) -> int:
+    from metashot.plot import plot_runs
+
+    plot_runs(args.run_dirs, args.out)
+    print(args.out)
+    return 0
+
+
+def _plot_sinusoid(args: argparse.Namespace) -> int:
+    from metashot.plot import plot_sinusoid
+
+    plot_sinusoid(args.run_dir, args.out, args.episode, args.shots, tuple(args.steps),
+                  trust_code=args.trust_code)
+    print(args.out)
+    return 0
+
+
+def _plot_instances(args: argparse.Namespace) -> int:
+    from metashot.plot import instance_table, plot_instances
+
+    plot_instances(args.results, args.out, args.names)
+    print(instance_table(args.results, args.names))
+    print(args.out)
+    return 0
+
+
+def _train_command(args: argparse.Namespace) -> int:
+    if args.seeds is not None:
+        return _train_seeds(args)
+    code, result = _train(args)
+    if result is not None:
+        _print(result, args.json)
+    return code
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from metashot.runs import evaluate_run
 
-    if args.command == "train" and args.seeds is not None:
-        return _train_seeds(args)
-    if args.command == "train":
-        code, result = _train(args)
-        if result is None:
-            return code
-    else:
-        _positive(args, "test_episodes", "ways", "shots")
-        result = evaluate_run(args.run_dir, args.test_episodes, args.checkpoint, args.device,
-                              not args.no_progress, args.ways, args.shots, args.trust_code, args.backbone)
+    _positive(args, "test_episodes", "ways", "shots")
+    result = evaluate_run(args.run_dir, args.test_episodes, args.checkpoint, args.device,
+                          not args.no_progress, args.ways, args.shots, args.trust_code, args.backbone)
     _print(result, args.json)
     return 0
+
+
+COMMANDS = {"train": _train_command, "evaluate": _evaluate, "presets": _presets, "summarize": _summarize,
+            "plot": _plot, "plot-sinusoid": _plot_sinusoid, "plot-instances": _plot_instances}
+
+
+def _run(args: argparse.Namespace) -> int:
+    return COMMANDS[args.command](args)
 
 
 def _print(result: Result | SeedSummary, as_json: bool) -> None:
