@@ -1,7 +1,8 @@
 """How sensitive MAML's second-order meta-gradient is to its weights: torch's batch norm and the reference's.
 
 For each batch-norm setting (``torch``: epsilon 1e-5 and a learned scale; ``reference``: cbfinn/maml's
-``tf.contrib.layers.batch_norm`` defaults, epsilon 1e-3 and no learned scale, the MAML presets' now), the
+``tf.contrib.layers.batch_norm`` defaults, epsilon 1e-3 and no learned scale; ``preset``: the reference's
+and no convolution bias before batch norm, the MAML presets' now), the
 preset's network is trained with its recipe (Adam 1e-3, the preset's meta-batch) on real Omniglot episodes,
 and at the weights after each of ``--at`` steps the meta-gradient g(theta) of the next training batch is
 compared with g(theta') at weights perturbed by ``--rel`` of each tensor's RMS in a random direction:
@@ -38,6 +39,7 @@ import torch
 NORMS = {
     "torch": {"norm_eps": 1e-5, "norm_scale": True},
     "reference": {"norm_eps": 1e-3, "norm_scale": False},
+    "preset": {"norm_eps": 1e-3, "norm_scale": False, "conv_bias": False},
 }
 
 

@@ -217,13 +217,14 @@ def test_method_args_hidden_is_the_backbones_width() -> None:
         build_method(Config(method="protonet", backbone="resnet12", method_args={"hidden": 32}), info)
 
 
-def test_the_maml_presets_normalise_as_the_reference_eps_1e3_and_no_learned_scale() -> None:
+def test_the_maml_presets_normalise_as_the_reference_and_leave_out_the_conv_biases() -> None:
     from metashot import presets
     from metashot.batches import Episode
 
     method = build_method(presets.get("maml-omniglot-5w1s"), TaskInfo((1, 28, 28), 5, 5))
     norms = [m for m in method.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(norms) == 4 and all(m.eps == 1e-3 and not m.weight.requires_grad for m in norms)
+    assert all(m.bias is None for m in method.modules() if isinstance(m, nn.Conv2d))
     x = torch.randn(6, 64, 3, 3) * 0.01 + 1
     var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False, keepdim=True)
     torch.testing.assert_close(norms[1](x), (x - mean) / torch.sqrt(var + 1e-3))  # scale 1, shift 0

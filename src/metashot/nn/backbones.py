@@ -30,12 +30,12 @@ def batch_norm(channels: int, track_running_stats: bool = True, eps: float = 1e-
 
 def conv_block(
     in_channels: int, out_channels: int, strided: bool = False, track_running_stats: bool = True,
-    norm_eps: float = 1e-5, norm_scale: bool = True,
+    norm_eps: float = 1e-5, norm_scale: bool = True, conv_bias: bool = True,
 ) -> nn.Sequential:
-    """3x3 conv, BatchNorm (``norm_eps``, learned scale unless ``norm_scale=False``), ReLU, then a 2x2
-    max-pool (or, ``strided``, a stride-2 conv instead)."""
+    """3x3 conv (with a bias unless ``conv_bias=False``), BatchNorm (``norm_eps``, learned scale unless
+    ``norm_scale=False``), ReLU, then a 2x2 max-pool (or, ``strided``, a stride-2 conv instead)."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, stride=2 if strided else 1, padding=1),
+        nn.Conv2d(in_channels, out_channels, 3, stride=2 if strided else 1, padding=1, bias=conv_bias),
         batch_norm(out_channels, track_running_stats, norm_eps, norm_scale),
         nn.ReLU(),
         *([] if strided else [nn.MaxPool2d(2)]),
@@ -47,7 +47,8 @@ class Conv4(nn.Sequential):
 
     ``strided=True`` is the MAML variant (stride-2 convolutions, no max-pooling);
     ``track_running_stats=False`` makes batch norm always use the current batch's statistics;
-    ``norm_eps`` and ``norm_scale`` are batch norm's epsilon and whether its scale is learned.
+    ``norm_eps`` and ``norm_scale`` are batch norm's epsilon and whether its scale is learned;
+    ``conv_bias=False`` leaves out the convolutions' biases, which the batch norm after them cancels.
     """
 
     def __init__(
@@ -60,10 +61,11 @@ class Conv4(nn.Sequential):
         track_running_stats: bool = True,
         norm_eps: float = 1e-5,
         norm_scale: bool = True,
+        conv_bias: bool = True,
     ) -> None:
         widths = [in_channels] + [hidden] * (depth - 1) + [out_channels]
         super().__init__(
-            *(conv_block(a, b, strided, track_running_stats, norm_eps, norm_scale)
+            *(conv_block(a, b, strided, track_running_stats, norm_eps, norm_scale, conv_bias)
               for a, b in zip(widths, widths[1:])),
             nn.Flatten(),
         )
@@ -159,13 +161,14 @@ def conv4(
 
 def conv4_strided(
     input_shape: tuple[int, ...], hidden: int = 64, depth: int = 4, track_running_stats: bool = True,
-    norm_eps: float = 1e-5, norm_scale: bool = True,
+    norm_eps: float = 1e-5, norm_scale: bool = True, conv_bias: bool = True,
 ) -> nn.Module:
     """MAML's body (Finn et al. 2017): Conv4 with stride-2 convolutions instead of max-pooling, then
     global average pooling: [M, hidden]. The MAML presets take the authors' batch norm
-    (``tf.contrib.layers.batch_norm`` defaults: ``norm_eps=1e-3``, ``norm_scale=False``)."""
+    (``tf.contrib.layers.batch_norm`` defaults: ``norm_eps=1e-3``, ``norm_scale=False``) and
+    ``conv_bias=False``."""
     conv = Conv4(input_shape[0], hidden, hidden, depth, strided=True, track_running_stats=track_running_stats,
-                 norm_eps=norm_eps, norm_scale=norm_scale)
+                 norm_eps=norm_eps, norm_scale=norm_scale, conv_bias=conv_bias)
     return nn.Sequential(*list(conv)[:-1], nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
