@@ -96,7 +96,7 @@ def test_another_optimizer_or_backbone_drops_the_base_arguments() -> None:
     maml = presets.get("maml-omniglot-5w1s")
     assert maml.override(backbone="conv4").backbone_args == {}
     wider = maml.override(backbone_args={"hidden": 32})
-    assert wider.backbone_args == {**presets.REFERENCE_NORM, "hidden": 32}
+    assert wider.backbone_args == {**presets.MAML_BACKBONE_ARGS, "hidden": 32}
     matching = presets.get("matching-omniglot-5w1s")
     assert matching.override(method_args={"fce": True}).method_args == {"fce": True, "scale": 20.0}
 
