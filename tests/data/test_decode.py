@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metashot.data.fewshot import FewShotDataset, decode_image
+from metashot.data.fewshot import FewShotDataset
+from metashot.data.images import decode_image
 
 
 def _row(mode: str, pixels: list) -> Image.Image:
