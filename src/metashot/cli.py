@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from metashot.config import Config, check_types, field_types, option_name, optio
 from metashot.errors import ConfigError, MetashotError
 from metashot.evaluate import Result, SeedSummary
 from metashot.methods import METHODS
+from metashot.process import StopSignals
 
 
 class _Parser(argparse.ArgumentParser):
@@ -207,33 +209,24 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
-def _on_sigterm(signum: int, frame: Any) -> NoReturn:
-    """SIGTERM outside a training step stops the command as SIGINT does, with exit status 143."""
-    from metashot.process import Interrupted
-
-    raise Interrupted(signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    in_main_thread = threading.current_thread() is threading.main_thread()  # where signals can be handled
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    # SIGINT and SIGTERM stop any command alike (exit 130, 143); signals are handled in the main thread only
+    in_main_thread = threading.current_thread() is threading.main_thread()
     try:
-        return _run(args)
+        with StopSignals() if in_main_thread else contextlib.nullcontext():
+            return _run(args)
     except MetashotError as e:
         if args.debug:
             raise
         print(f"metashot: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt as e:  # a signal during the test (Interrupted) or outside a run
+    except KeyboardInterrupt as e:  # a signal outside a training step (Interrupted)
         if args.debug:
             raise
         signum = getattr(e, "signum", signal.SIGINT)
         print(f"metashot: stopped by {signal.Signals(signum).name}", file=sys.stderr)
         return 128 + signum
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _presets(args: argparse.Namespace) -> int:
