@@ -170,7 +170,8 @@ def metashot_run(
         method = MatchingNetwork(Conv4(), fce=True, processing_steps=ways * shots)
     optimizer = torch.optim.Adam(method.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 2_000, 0.5)
-    loader = episode_loader(dataset, ways, shots, queries, episodes, meta_batch=1, seed=seed)
+    sampler = dataset.sampler(ways=ways, shots=shots, queries=queries, episodes=episodes, seed=seed)
+    loader = episode_loader(dataset, sampler)
     method.train()
     sums = torch.zeros(2)
 

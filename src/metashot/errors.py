@@ -27,3 +27,7 @@ class NonFiniteError(MetashotError, FloatingPointError):
     """Training diverged: the loss, a parameter or a buffer became NaN or infinite."""
 
     exit_code = 1
+
+
+class DataError(MetashotError, ValueError):
+    """A dataset file that is missing, corrupt, of the wrong layout, or not the dataset it claims."""

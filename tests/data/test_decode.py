@@ -137,7 +137,7 @@ def test_folder_conversions_are_reported_once(tmp_path: Path, channels: int, cha
         data = FewShotDataset.from_folder(tmp_path, image_size=4, channels=channels)
     assert len(record) == 1
     example = tmp_path / ("a" if channels == 1 else "b") / "0.png"
-    message = f"{tmp_path}: converted 3 {change} for channels={channels}, e.g. {example}"
+    message = f"converted 3 {change} for channels={channels}, e.g. {example}"
     assert str(record[0].message) == message
     # Pillow's luma of (200, 10, 10): (200 * 19595 + 10 * 38470 + 10 * 7471 + 32768) >> 16 = 67
     expected = [[67], [90]] if channels == 1 else [[200, 10, 10], [90, 90, 90]]

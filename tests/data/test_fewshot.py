@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from metashot.data.fewshot import Episode, EpisodeSampler, FewShotDataset, episode_loader
+from metashot.data.fewshot import Episode, FewShotDataset, episode_loader
 from metashot.data.omniglot import Omniglot
+from metashot.data.sampling import EpisodeSampler
 
 
 def _dataset(classes: int = 10, examples: int = 8) -> FewShotDataset:
@@ -22,7 +23,7 @@ def _dataset(classes: int = 10, examples: int = 8) -> FewShotDataset:
 
 def test_episode_shapes_and_labels() -> None:
     data = _dataset()
-    loader = episode_loader(data, ways=5, shots=2, queries=3, episodes=6, meta_batch=3)
+    loader = episode_loader(data, data.sampler(ways=5, shots=2, queries=3, episodes=6), meta_batch=3)
     batches = list(loader)
     assert len(batches) == 2
     ep = batches[0]
@@ -64,7 +65,7 @@ def test_start_and_sharding_partition_the_episodes() -> None:
 
 def test_same_episodes_in_another_process() -> None:
     code = (
-        "from metashot.data.fewshot import EpisodeSampler\n"
+        "from metashot.data.sampling import EpisodeSampler\n"
         "s = EpisodeSampler(4800, 20, 20, 5, 5, episodes=5, seed=11)\n"
         "print([e.indices.sum().item() for e in s], [e.indices[0, :3].tolist() for e in s])"
     )
@@ -77,12 +78,12 @@ def test_same_episodes_in_another_process() -> None:
 
 def test_more_ways_than_classes() -> None:
     with pytest.raises(ValueError, match="30-way episodes need 30 classes, but the dataset has 10"):
-        EpisodeSampler.for_dataset(_dataset(), ways=30, shots=1, queries=1, episodes=1)
+        _dataset().sampler(ways=30, shots=1, queries=1, episodes=1)
 
 
 def test_more_shots_and_queries_than_examples() -> None:
     with pytest.raises(ValueError, match=r"shots \+ queries = 5 \+ 15 = 20 .* each class has 8"):
-        EpisodeSampler.for_dataset(_dataset(), ways=5, shots=5, queries=15, episodes=1)
+        _dataset().sampler(ways=5, shots=5, queries=15, episodes=1)
 
 
 def test_bad_image_tensor_shape() -> None:
@@ -92,7 +93,7 @@ def test_bad_image_tensor_shape() -> None:
 
 def test_omniglot_episode_is_an_index(omniglot_small: Omniglot) -> None:
     data = omniglot_small.classes("random", "train", val_characters=5)
-    ep = next(iter(episode_loader(data, ways=60, shots=5, queries=5, episodes=1)))
+    ep = next(iter(episode_loader(data, data.sampler(ways=60, shots=5, queries=5, episodes=1))))
     assert ep.support.shape == (1, 300, 1, 28, 28) and ep.support.dtype == torch.float32
     assert 0.0 <= float(ep.support.min()) and float(ep.support.max()) <= 1.0
 

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from metashot.config import Config
-from metashot.data.fewshot import ClassLayout, EpisodeSampler, FewShotDataset, episode_loader
+from metashot.data.fewshot import FewShotDataset, episode_loader
+from metashot.data.sampling import ClassLayout, EpisodeSampler
 from metashot.data.sequences import sequence_loader
 from metashot.data.tasks import build_source
 
@@ -87,7 +88,7 @@ def test_ragged_draw_matches_a_reference_loop() -> None:
 
 def test_ragged_draws_are_uniform_within_each_class() -> None:
     data = _ragged()
-    sampler = EpisodeSampler.for_dataset(data, ways=6, shots=1, queries=1, episodes=3000)
+    sampler = data.sampler(ways=6, shots=1, queries=1, episodes=3000)
     counts = torch.zeros(len(data))
     for ep in sampler:
         cls, ex = data.flat[ep.indices, 0, 0, 0], data.flat[ep.indices, 1, 0, 0]
@@ -101,7 +102,7 @@ def test_ragged_draws_are_uniform_within_each_class() -> None:
 
 def test_loaders_gather_ragged_classes() -> None:
     data = _ragged()
-    ep = next(iter(episode_loader(data, ways=3, shots=1, queries=1, episodes=4, meta_batch=4)))
+    ep = next(iter(episode_loader(data, data.sampler(ways=3, shots=1, queries=1, episodes=4), meta_batch=4)))
     assert torch.equal(ep.support[..., 0, 0, 0], ep.query[..., 0, 0, 0])  # support and query share classes
     assert (ep.support[..., 1, 0, 0] < torch.tensor(SIZES)[ep.support[..., 0, 0, 0].long()]).all()
     batch = next(iter(sequence_loader(data, 4, 2, episodes=2, batch_size=2)))
@@ -114,7 +115,7 @@ def test_too_small_classes_are_named() -> None:
         "shots + queries = 1 + 3 = 4 examples per class, but 6 of 11 classes have fewer: "
         "'c0' (2), 'c2' (1), 'c4' (3), 'c7' (2), 'c8' (0) and 1 more"
     )):
-        episode_loader(data, ways=2, shots=1, queries=3, episodes=1)
+        episode_loader(data, data.sampler(ways=2, shots=1, queries=3, episodes=1))
     # the bare sampler names them by index
     with pytest.raises(ValueError, match=re.escape("but 1 of 3 classes have fewer: class 1 (3)")):
         EpisodeSampler(3, [5, 3, 4], ways=2, shots=2, queries=2, episodes=1)

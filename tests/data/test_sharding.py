@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from metashot.config import Config
-from metashot.data.fewshot import EpisodeSampler, SeededSampler
+from metashot.data.sampling import EpisodeSampler, SeededSampler
 from metashot.data.sequences import SequenceSampler
 from metashot.data.sinusoid import SinusoidSampler
 from metashot.data.tasks import TaskSource, build_source

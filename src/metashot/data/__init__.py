@@ -1,14 +1,9 @@
 """Data: Omniglot, episode sampling, task sources."""
 
-from metashot.data.fewshot import (
-    Episode,
-    EpisodeIndex,
-    EpisodeSampler,
-    FewShotDataset,
-    SeededSampler,
-    episode_loader,
-)
+from metashot.batches import Episode
+from metashot.data.fewshot import FewShotDataset, episode_loader
 from metashot.data.omniglot import Omniglot, OmniglotError
+from metashot.data.sampling import EpisodeIndex, EpisodeSampler, SeededSampler
 
 __all__ = [
     "Episode",

@@ -1,11 +1,15 @@
-"""Image files decoded faithfully into uint8 arrays: every mode Pillow reads, scaled from its range,
-transparency composited over white, colour conversions reported."""
+"""Image files decoded faithfully into uint8 arrays (every mode Pillow reads, scaled from its range,
+transparency composited over white, colour conversions reported), and folders of them."""
 
 from __future__ import annotations
 
+import os
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from metashot.io import open_image
 
@@ -61,3 +65,51 @@ def decode_image(path: Path, channels: int) -> tuple[np.ndarray, bool]:
     elif channels == 3 and converted:
         x = x.repeat(3, axis=2)
     return np.floor(x + 0.5).astype(np.uint8), converted
+
+
+def read_images(
+    paths: Sequence[Path], image_size: int, channels: int, box: Sequence[tuple[float, float, float, float]]
+    | None = None,
+) -> np.ndarray:
+    """The image files at ``paths`` decoded by :func:`decode_image`, each cropped to its ``box`` (left,
+    top, right, bottom in pixels) when given and resized to ``image_size`` with antialiasing: uint8
+    [images, size, size, channels]. One warning says how many had their colours converted."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    images = np.empty((len(paths), image_size, image_size, channels), np.uint8)
+    converted = []
+    for i, f in enumerate(paths):
+        try:
+            x, changed = decode_image(f, channels)
+        except OSError as e:
+            raise ValueError(f"{f}: image does not decode ({e})") from e
+        if changed:
+            converted.append(f)
+        im = Image.fromarray(x[..., 0] if channels == 1 else x)
+        if box is not None:
+            im = im.crop(tuple(round(v) for v in box[i]))
+        im = im.resize((image_size, image_size), Image.Resampling.LANCZOS)
+        images[i] = np.asarray(im).reshape(image_size, image_size, channels)
+    if converted:
+        change = "colour images to greyscale" if channels == 1 else "greyscale images to RGB"
+        warnings.warn(
+            f"converted {len(converted)} {change} for channels={channels}, e.g. {converted[0]}", stacklevel=2
+        )
+    return images
+
+
+def read_folder(
+    root: str | os.PathLike, image_size: int = 28, channels: int = 1
+) -> tuple[np.ndarray, list[str], list[int]]:
+    """A folder of class sub-folders of images: every image read by :func:`read_images`, class after
+    class, with the class names and sizes. Classes may hold different numbers of images."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder of class sub-folders")
+    classes = sorted(p for p in root.iterdir() if p.is_dir())
+    files = [sorted(f for f in c.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) for c in classes]
+    found = [(c, f) for c, f in zip(classes, files, strict=True) if f]
+    if not found:
+        raise ValueError(f"{root}: no class sub-folders with images ({sorted(IMAGE_SUFFIXES)})")
+    images = read_images([f for _, fs in found for f in fs], image_size, channels)
+    return images, [c.name for c, _ in found], [len(fs) for _, fs in found]

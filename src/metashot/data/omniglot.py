@@ -17,16 +17,19 @@ import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from metashot.config import Config
 from metashot.data.fewshot import FewShotDataset
-from metashot.errors import MetashotError
+from metashot.data.sources import FewShotSource
+from metashot.errors import DataError
 from metashot.io import atomic_write
 
 ZIPS = ("images_background", "images_evaluation")
@@ -42,7 +45,7 @@ SPLITS = ("random", "alphabet", "official")
 _MEMBER = re.compile(r"^(images_background|images_evaluation)/([^/]+)/(character\d+)/(\d+)_(\d+)\.png$")
 
 
-class OmniglotError(MetashotError, RuntimeError):
+class OmniglotError(DataError, RuntimeError):
     """A missing, corrupt or malformed Omniglot file."""
 
 
@@ -299,3 +302,35 @@ def _build_cache(zips: list[Path], size: int, cache: Path) -> None:
             background=np.array(background),
         ),
     )
+
+
+class OmniglotSource(FewShotSource):
+    """Omniglot; task_args: split ("random"), image_size (28), rotations (True), val_characters (172)."""
+
+    default_image_size = 28
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        args = dict(cfg.task_args)
+        self.image_size = args.pop("image_size", self.default_image_size)
+        self.split = args.pop("split", "random")
+        self.rotations = args.pop("rotations", True)
+        self.val_characters = args.pop("val_characters", 172)
+        self._parse(args)
+        if args:
+            raise ValueError(f"unknown {cfg.task} task_args {sorted(args)}")
+        self._parts: dict[str, FewShotDataset] = {}
+
+    def _parse(self, args: dict[str, Any]) -> None:
+        """Pop a subclass's own task_args."""
+
+    @cached_property
+    def omniglot(self) -> Omniglot:
+        return Omniglot.load(self.cfg.data_dir, self.image_size)
+
+    def dataset(self, part: str) -> FewShotDataset:
+        if part not in self._parts:
+            self._parts[part] = self.omniglot.classes(
+                self.split, part, self.rotations, self.cfg.class_split_seed, self.val_characters
+            )
+        return self._parts[part]

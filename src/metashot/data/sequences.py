@@ -14,15 +14,19 @@ Episode ``i`` depends only on ``(seed, i)``, and processes shard the stream, as 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from metashot.batches import SequenceBatch
-from metashot.data.fewshot import ClassLayout, FewShotDataset, SeededSampler, episode_generator, rank_batch
+from metashot.batches import SequenceBatch, SequenceTaskInfo
+from metashot.config import Config
+from metashot.data.fewshot import FewShotDataset
+from metashot.data.omniglot import OmniglotSource
+from metashot.data.sampling import ClassLayout, SeededSampler, episode_generator, rank_batch
 
 LABEL_MODES = ("onehot", "string")
 STRING_LENGTH = 5  # characters per string label
@@ -178,3 +182,49 @@ def sequence_loader(
     return DataLoader(dataset, sampler=sampler, batch_size=rank_batch(batch_size, world_size),
                       collate_fn=dataset.collate, num_workers=num_workers,
                       generator=torch.Generator())  # off the global RNG, as episode_loader
+
+
+class OmniglotSequenceSource(OmniglotSource):
+    """Omniglot sequence episodes for MANN (Santoro et al. 2016), batches of ``cfg.meta_batch``.
+
+    task_args: those of "omniglot" (image_size 20 here), and classes (default ``cfg.ways``),
+    instances (10), labels ("onehot" or "string"), max_rotation (degrees, 15) and max_shift (pixels, 2)
+    of the training augmentation (0 turns it off; validation and test episodes are never augmented).
+    """
+
+    default_image_size = 20
+
+    @staticmethod
+    def shape(cfg: Config) -> str:
+        a = cfg.task_args
+        return (f"{a.get('classes', cfg.ways)} classes x {a.get('instances', 10)} instances, "
+                f"{a.get('labels', 'onehot')} labels")
+
+    def _parse(self, args: dict[str, Any]) -> None:
+        self.classes = int(args.pop("classes", self.cfg.ways))
+        self.instances = int(args.pop("instances", 10))
+        self.labels = args.pop("labels", "onehot")
+        self.max_rotation = float(args.pop("max_rotation", 15.0))
+        self.max_shift = float(args.pop("max_shift", 2.0))
+        if self.labels not in LABEL_MODES:
+            raise ValueError(f"labels must be one of {LABEL_MODES}, got {self.labels!r}")
+
+    @property
+    def info(self) -> SequenceTaskInfo:
+        string = self.labels == "string"
+        return SequenceTaskInfo(
+            (1, self.image_size, self.image_size), self.classes, self.classes,
+            label_groups=STRING_LENGTH if string else 1,
+            label_values=STRING_SYMBOLS if string else self.classes,
+            steps=self.classes * self.instances,
+        )
+
+    def loader(
+        self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1
+    ) -> Iterable[Any]:
+        train = part == "train"
+        return sequence_loader(
+            self.dataset(part), self.classes, self.instances, episodes, self.cfg.meta_batch,
+            self.labels, self.max_rotation if train else 0.0, self.max_shift if train else 0.0,
+            seed=seed, start=start, rank=rank, world_size=world_size,
+        )

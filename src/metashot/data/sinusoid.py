@@ -13,15 +13,18 @@ few vectorised operations.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler
 
-from metashot.batches import Episode
-from metashot.data.fewshot import SeededSampler, rank_batch
+from metashot.batches import Episode, TaskInfo
+from metashot.config import Config
+from metashot.data.sampling import SeededSampler, rank_batch
+from metashot.data.sources import TaskSource
 
 AMPLITUDE = (0.1, 5.0)
 PHASE = (0.0, math.pi)
@@ -129,3 +132,33 @@ def sinusoid_loader(
     sampler = SinusoidSampler(shots, queries, episodes, seed, part, start, rank, world_size)
     batches = BatchSampler(sampler.indices(), rank_batch(meta_batch, world_size), drop_last=False)
     return (sampler.episodes_at(batch) for batch in batches)
+
+
+class SinusoidSource(TaskSource):
+    """Sinusoid regression (MAML section 5.1): ``shots`` support and ``queries`` query points per task.
+
+    Needs no data. Inputs and targets are [B, K, 1] floats; the parts draw different tasks.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        if cfg.task_args:
+            raise ValueError(f"unknown sinusoid task_args {sorted(cfg.task_args)}")
+
+    @property
+    def info(self) -> TaskInfo:
+        return TaskInfo((1,), 1, 1, regression=True)
+
+    @staticmethod
+    def shape(cfg: Config) -> str:
+        return f"K={cfg.train_shots} in training, K={cfg.shots} at test"
+
+    def loader(
+        self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1
+    ) -> Iterable[Any]:
+        c = self.cfg
+        train = part == "train"
+        return sinusoid_loader(
+            c.train_shots if train else c.shots, c.train_queries if train else c.queries,
+            episodes, c.meta_batch, seed, part, start, rank, world_size,
+        )

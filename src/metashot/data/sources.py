@@ -1,0 +1,74 @@
+"""The task-source interface: what the trainer and evaluator iterate, built from a :class:`Config`.
+
+A task source knows its data and episode shape; ``loader(part, episodes, seed, start, rank, world_size)``
+yields batches (an :class:`Episode` of ``meta_batch`` tasks, or another batch type a method takes), each
+of ``world_size`` processes its share of every batch. Each source lives beside its data; register it in
+:data:`metashot.data.tasks.TASKS`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from typing import Any
+
+from metashot.batches import TaskInfo
+from metashot.config import Config
+from metashot.data.fewshot import FewShotDataset, episode_loader
+
+PARTS = ("train", "val", "test")
+
+
+class TaskSource(ABC):
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    @property
+    @abstractmethod
+    def info(self) -> TaskInfo: ...
+
+    @abstractmethod
+    def loader(
+        self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1
+    ) -> Iterable[Any]:
+        """Batches of tasks from ``part`` ("train", "val" or "test"); episode ``i`` fixed by ``seed``.
+
+        ``episodes`` and ``start`` count the episodes of all processes; process ``rank`` of
+        ``world_size`` draws ``range(start + rank, episodes, world_size)`` in batches of
+        ``cfg.meta_batch // world_size``, so that the processes' step s together is the one-process
+        step s (:class:`~metashot.data.fewshot.SeededSampler`). A ValueError when ``cfg.meta_batch``
+        does not split over ``world_size``.
+        """
+
+    @staticmethod
+    def shape(cfg: Config) -> str:
+        """The episode shape of ``cfg`` in words (``metashot presets``), without building the source."""
+        return (f"{cfg.ways}-way {cfg.shots}-shot, trained {cfg.train_ways}-way "
+                f"with {cfg.train_queries} queries per class")
+
+
+class FewShotSource(TaskSource):
+    """N-way K-shot episodes from classes split into train / val / test ``FewShotDataset``s."""
+
+    @abstractmethod
+    def dataset(self, part: str) -> FewShotDataset: ...
+
+    @property
+    def info(self) -> TaskInfo:
+        return TaskInfo(self.dataset("test").image_shape, self.cfg.ways, self.cfg.train_ways)
+
+    def episode_shape(self, part: str) -> tuple[int, int, int]:
+        """Ways, shots and queries per class of ``part``'s episodes (training has its own)."""
+        c = self.cfg
+        if part == "train":
+            return c.train_ways, c.train_shots, c.train_queries
+        return c.ways, c.shots, c.queries
+
+    def loader(
+        self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1
+    ) -> Iterable[Any]:
+        ways, shots, queries = self.episode_shape(part)
+        data = self.dataset(part)
+        sampler = data.sampler(ways=ways, shots=shots, queries=queries, episodes=episodes, seed=seed,
+                               start=start, rank=rank, world_size=world_size)
+        return episode_loader(data, sampler, self.cfg.meta_batch, world_size)
