@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -31,7 +32,9 @@ class FewShotDataset(Dataset):
         images: torch.Tensor,
         class_names: Sequence[str] | None = None,
         class_sizes: Sequence[int] | torch.Tensor | None = None,
+        scale: bool = True,
     ) -> None:
+        self.scale = scale
         if class_sizes is None:
             if images.dim() != 5:
                 raise ValueError(
@@ -90,9 +93,10 @@ class FewShotDataset(Dataset):
                               class_names=self.class_names, **kwargs)
 
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
-        """Images at flat ``indices`` (any shape) as float in [0, 1]."""
+        """Images at flat ``indices`` (any shape): uint8 ones as float in [0, 1] unless the dataset was made
+        with ``scale=False`` (its episodes are scaled where they are used, e.g. on a GPU)."""
         x = self.flat[indices]
-        return x.float().div_(255) if x.dtype == torch.uint8 else x
+        return x.float().div_(255) if x.dtype == torch.uint8 and self.scale else x
 
     def __getitem__(self, item: EpisodeIndex) -> Episode:
         n, kq = item.indices.shape
@@ -115,7 +119,7 @@ class FewShotDataset(Dataset):
         within = torch.arange(int(sizes.sum())) - (sizes.cumsum(0) - sizes).repeat_interleave(sizes)
         images = self.flat[self.layout.offsets[classes].repeat_interleave(sizes) + within]
         names = [self.class_names[i] for i in classes.tolist()] if self.class_names is not None else None
-        return FewShotDataset(images, names, sizes)
+        return FewShotDataset(images, names, sizes, self.scale)
 
     def require(
         self, examples: int, needed: str, small_classes: str = "error", hint: str = ""
@@ -143,8 +147,8 @@ class FewShotDataset(Dataset):
 
 
 def episode_loader(
-    dataset: FewShotDataset, sampler: EpisodeSampler, meta_batch: int = 1, world_size: int = 1,
-    num_workers: int = 0, pin_memory: bool = False,
+    dataset: Dataset, sampler: EpisodeSampler, meta_batch: int = 1, world_size: int = 1,
+    num_workers: int = 0, pin_memory: bool = False, collate_fn: Callable[[list[Any]], Any] = Episode.collate,
 ) -> DataLoader:
     """Batches of ``meta_batch`` episodes ([B, ...] :class:`Episode`) drawn by ``sampler`` from
     ``dataset``; each of ``world_size`` processes gets its batches of ``meta_batch // world_size`` (see
@@ -152,7 +156,7 @@ def episode_loader(
     # the episodes are fixed by (seed, i); a generator of its own keeps the loader's base-seed draw off
     # the global RNG, so a resumed run's RNG state is the uninterrupted run's
     return DataLoader(
-        dataset, sampler=sampler, batch_size=rank_batch(meta_batch, world_size), collate_fn=Episode.collate,
+        dataset, sampler=sampler, batch_size=rank_batch(meta_batch, world_size), collate_fn=collate_fn,
         num_workers=num_workers, pin_memory=pin_memory, generator=torch.Generator(),
         persistent_workers=False,
     )

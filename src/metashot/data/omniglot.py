@@ -11,22 +11,20 @@ import hashlib
 import io
 import os
 import re
-import urllib.error
-import urllib.request
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from metashot.config import Config
+from metashot.data.download import cache_path, default_root, digest, fetch, user_cache_dir
 from metashot.data.fewshot import FewShotDataset
 from metashot.data.sources import FewShotSource
 from metashot.errors import DataError
@@ -49,36 +47,6 @@ class OmniglotError(DataError, RuntimeError):
     """A missing, corrupt or malformed Omniglot file."""
 
 
-def default_root(data_dir: str | os.PathLike | None = None) -> Path:
-    """The data root: ``data_dir``, else ``$METASHOT_DATA``, else a per-user cache folder."""
-    if data_dir is not None:
-        return Path(data_dir).expanduser()
-    if os.environ.get("METASHOT_DATA"):
-        return Path(os.environ["METASHOT_DATA"]).expanduser()
-    return user_cache_dir()
-
-
-def user_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "metashot"
-
-
-def cache_path(root: Path, name: str) -> Path:
-    """Where the cache ``name`` of the zips in ``root`` is: beside them, else in the user's cache; a new
-    one goes beside them when their folder is writable, else to the user's cache."""
-    for folder in (root, user_cache_dir()):
-        if (folder / name).exists():
-            return folder / name
-    return (root if os.access(root, os.W_OK) else user_cache_dir()) / name
-
-
-def _digest(path: Path, algorithm: str) -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download(
     root: Path,
     url_prefix: str = URL_PREFIX,
@@ -90,38 +58,13 @@ def download(
     ``checksums`` maps a zip's stem to its md5 (32 hex digits) or sha256 (64); default: the official md5.
     """
     checksums = OFFICIAL_MD5 if checksums is None else checksums
-    root.mkdir(parents=True, exist_ok=True)
     for name in ZIPS:
         target = root / f"{name}.zip"
-        if target.exists():
-            continue
-        url = url_prefix + f"{name}.zip"
-        expected = checksums.get(name)
-
-        def fetch(out: IO[bytes], url: str = url, expected: str | None = expected,
-                  desc: str = target.name) -> None:
-            h = hashlib.new("md5" if expected and len(expected) == 32 else "sha256")
-            with urllib.request.urlopen(url, timeout=60) as response:
-                total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=desc,
-                          disable=not progress) as bar:
-                    for block in iter(lambda: response.read(1 << 16), b""):
-                        out.write(block)
-                        h.update(block)
-                        bar.update(len(block))
-            if expected and h.hexdigest() != expected.lower():
-                raise OmniglotError(
-                    f"{url}: {h.name} checksum is {h.hexdigest()}, expected {expected}; not saved"
-                )
-
-        try:
-            atomic_write(target, fetch)
-        except (urllib.error.URLError, OSError) as e:
-            raise OmniglotError(
-                f"could not download {url} ({e}). Offline? Put images_background.zip and "
-                f"images_evaluation.zip (github.com/brendenlake/omniglot, python/) in {root}, "
-                "or point --data-dir / METASHOT_DATA at the folder that holds them."
-            ) from e
+        if not target.exists():
+            fetch(url_prefix + f"{name}.zip", target, checksums.get(name), OmniglotError, progress,
+                  hint="Put images_background.zip and images_evaluation.zip (github.com/brendenlake/"
+                  f"omniglot, python/) in {root}, or point --data-dir / METASHOT_DATA at the folder that "
+                  "holds them.")
 
 
 @dataclass(frozen=True)
@@ -150,7 +93,7 @@ class Omniglot:
                 missing = ", ".join(z.name for z in zips if not z.exists())
                 raise OmniglotError(f"{missing} not found in {root}")
             download(root, url_prefix, checksums)
-        key = hashlib.sha256("".join(_digest(z, "sha256") for z in zips).encode()).hexdigest()[:16]
+        key = hashlib.sha256("".join(digest(z, "sha256") for z in zips).encode()).hexdigest()[:16]
         cache = cache_path(root, f"omniglot-{image_size}px-{key}.npz")
         if cache.exists():
             try:

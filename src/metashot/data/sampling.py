@@ -20,10 +20,12 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class EpisodeIndex:
-    """What :class:`EpisodeSampler` yields: flat example indices [N, K+Q] and the shot count K."""
+    """What :class:`EpisodeSampler` yields: flat example indices [N, K+Q], the shot count K and the
+    episode's index in its stream."""
 
     indices: torch.Tensor
     shots: int
+    episode: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -167,4 +169,4 @@ class EpisodeSampler(SeededSampler[EpisodeIndex]):
     def episode(self, i: int) -> EpisodeIndex:
         g = episode_generator(self.seed, i)
         indices = self.layout.draw(g, self.ways, self.shots + self.queries)
-        return EpisodeIndex(indices, self.shots)
+        return EpisodeIndex(indices, self.shots, i)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from metashot.config import Config
 from metashot.data.folder import FolderSource
+from metashot.data.miniimagenet import MiniImageNetSource
 from metashot.data.omniglot import OmniglotSource
 from metashot.data.sequences import OmniglotSequenceSource
 from metashot.data.sinusoid import SinusoidSource
@@ -17,6 +18,7 @@ TASKS: dict[str, type[TaskSource]] = {
     "folder": FolderSource,
     "sinusoid": SinusoidSource,
     "omniglot-sequences": OmniglotSequenceSource,
+    "miniimagenet": MiniImageNetSource,
 }
 
 

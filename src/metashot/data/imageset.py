@@ -1,0 +1,291 @@
+"""Natural-image benchmarks read from the copy a user holds, in whichever of its common layouts.
+
+A dataset file defines its :class:`Layout`s (how each known arrangement of files is found and read) and an
+:class:`ImageSetSource` subclass (the split's class counts, the image size, the normalisation). The source
+detects the layout, reads each part once into a decode-once cache beside the data (else in the user cache):
+uint8 [images, H, W, C] class after class in a ``.npy`` that every process and loader worker
+memory-maps, with the class names and one hash per image beside it. The parts' class counts and images
+are checked before any training. Batches leave the loader as uint8 and are scaled, augmented and
+normalised as batched tensors on the device they are moved to (:class:`RawEpisodes`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from metashot.batches import Episode
+from metashot.config import Config
+from metashot.data.augment import AUGMENTS, Augment
+from metashot.data.download import cache_path
+from metashot.data.fewshot import FewShotDataset, episode_loader
+from metashot.data.sampling import EpisodeIndex
+from metashot.data.sources import PARTS, FewShotSource
+from metashot.errors import DataError
+from metashot.io import atomic_write_all
+
+CHUNK = 1024  # images decoded and written to the cache at a time
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a dataset as a layout reads it, its images in any order.
+
+    labels: int [N], indices into ``names``; images: rows (int [n]) -> uint8 [n, H, W, C] of those rows.
+    """
+
+    labels: np.ndarray
+    names: list[str]
+    images: Callable[[np.ndarray], np.ndarray]
+
+
+class Layout(ABC):
+    """One arrangement of a dataset's files: how to find it in a folder and read its parts."""
+
+    name: ClassVar[str]
+    files: ClassVar[str]  # the files it needs, in words, for the error that finds no layout
+
+    @abstractmethod
+    def sources(self, root: Path, part: str) -> list[Path]:
+        """The files ``part`` is read from (they need not exist: :meth:`found` asks)."""
+
+    def found(self, root: Path) -> bool:
+        """Whether ``root`` holds this layout (every part's files exist)."""
+        return all(p.exists() for part in PARTS for p in self.sources(root, part))
+
+    @abstractmethod
+    def read(self, root: Path, part: str, image_size: int) -> Part:
+        """``part``'s images and labels; a :class:`DataError` naming the file and what was expected when
+        they are not this layout's. Layouts that decode image files resize them to ``image_size``."""
+
+    def key(self) -> dict[str, Any]:
+        """The layout's options that change what it reads (part of the cache's name)."""
+        return {}
+
+
+@dataclass
+class RawEpisodes:
+    """A batch of episodes of uint8 images that :meth:`to` moves to a device and there scales, augments
+    (``train`` only) and normalises: ``index`` [B] holds each episode's index in its stream, which with
+    ``seed`` fixes its augmentation."""
+
+    episode: Episode
+    index: torch.Tensor
+    augment: Augment
+    seed: int
+    train: bool
+
+    def to(self, device: torch.device | str) -> Episode:
+        e = self.episode.to(device)
+        shots = e.support.shape[1]
+        x = self.augment(torch.cat([e.support, e.query], 1), self.index, self.seed, self.train)
+        return replace(e, support=x[:, :shots], query=x[:, shots:])
+
+    def pin_memory(self) -> RawEpisodes:
+        e = self.episode
+        pinned = {name: getattr(e, name).pin_memory() for name in Episode.TENSORS}
+        return replace(self, episode=replace(e, **pinned))
+
+    def __len__(self) -> int:
+        return self.index.shape[0]
+
+
+class _Indexed(Dataset):
+    """A :class:`FewShotDataset`'s episodes with their index in the stream."""
+
+    def __init__(self, data: FewShotDataset) -> None:
+        self.data = data
+
+    def __getitem__(self, item: EpisodeIndex) -> tuple[int, Episode]:
+        return item.episode, self.data[item]
+
+
+def _collate(items: list[tuple[int, Episode]], augment: Augment, seed: int, train: bool) -> RawEpisodes:
+    episode = Episode.collate([e for _, e in items])
+    return RawEpisodes(episode, torch.tensor([i for i, _ in items]), augment, seed, train)
+
+
+def resize(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [n, H, W, C] resized to [n, size, size, C] with antialiasing (Pillow's Lanczos)."""
+    if images.shape[1:3] == (size, size):
+        return images
+    out = [np.asarray(Image.fromarray(x.squeeze(-1) if x.shape[-1] == 1 else x)
+                      .resize((size, size), Image.Resampling.LANCZOS)) for x in images]
+    return np.stack(out).reshape(len(images), size, size, images.shape[-1])
+
+
+def image_hashes(images: np.ndarray) -> np.ndarray:
+    """One 64-bit hash of each image's pixels, [n] uint64."""
+    return np.array([int.from_bytes(hashlib.blake2b(x.tobytes(), digest_size=8).digest(), "little")
+                     for x in images], dtype=np.uint64)
+
+
+def build_cache(part: Part, size: int, images_path: Path, meta_path: Path, where: str) -> None:
+    """Write ``part`` sorted by class into ``images_path`` (.npy, streamed a chunk at a time) and its
+    class names, sizes and image hashes into ``meta_path`` (.npz), both renamed into place together."""
+    order = np.argsort(part.labels, kind="stable")
+    sizes = np.bincount(part.labels, minlength=len(part.names))
+    present = sizes > 0
+    hashes: list[np.ndarray] = []
+
+    def write_images(f: Any) -> None:
+        channels = None
+        for start in range(0, len(order), CHUNK):
+            x = part.images(order[start:start + CHUNK])
+            if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
+                raise DataError(f"{where}: images are {x.dtype} {x.shape[1:]}, expected uint8 (H, W, 3)")
+            x = np.ascontiguousarray(resize(x, size))
+            if channels is None:
+                channels = x.shape[-1]
+                header = {"descr": "|u1", "fortran_order": False, "shape": (len(order), size, size, channels)}
+                np.lib.format.write_array_header_1_0(f, header)
+            f.write(x.tobytes())
+            hashes.append(image_hashes(x))
+
+    def write_meta(f: Any) -> None:
+        np.savez(f, names=np.array(part.names)[present], sizes=sizes[present],
+                 hashes=np.concatenate(hashes) if hashes else np.zeros(0, np.uint64))
+
+    atomic_write_all({images_path: write_images, meta_path: write_meta})
+
+
+class ImageSetSource(FewShotSource):
+    """A natural-image benchmark in ``data_dir``, in any of ``layouts`` (detected, or task_args' layout).
+
+    task_args: layout ("auto" or a layout's name), image_size (the dataset's), augment (one of
+    :data:`~metashot.data.augment.AUGMENTS`, training episodes only), normalize (true: the dataset's
+    mean and std), workers (DataLoader worker processes, 0), pin_memory (null: when the device is CUDA);
+    a subclass adds its own in :meth:`_parse`.
+    """
+
+    name: ClassVar[str]
+    layouts: ClassVar[tuple[Layout, ...]]
+    classes: ClassVar[dict[str, int]]  # the split's classes per part
+    default_image_size: ClassVar[int] = 84
+    padding: ClassVar[int] = 8  # the RandomCrop padding of crop-jitter-flip at the default size
+    mean: ClassVar[tuple[float, float, float]]
+    std: ClassVar[tuple[float, float, float]]
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        if cfg.data_dir is None:
+            raise DataError(f"--task {self.name} needs --data-dir, the folder with one of: {self.needs()}")
+        args = dict(cfg.task_args)
+        self.image_size = int(args.pop("image_size", self.default_image_size))
+        layout = args.pop("layout", "auto")
+        kind = args.pop("augment", "none")
+        normalize = args.pop("normalize", True)
+        self.workers = int(args.pop("workers", 0))
+        self.pin_memory = args.pop("pin_memory", None)
+        self._parse(args)
+        if args:
+            raise ValueError(f"unknown {self.name} task_args {sorted(args)}")
+        if kind not in AUGMENTS:
+            raise ValueError(f"augment must be one of {AUGMENTS}, got {kind!r}")
+        padding = round(self.padding * self.image_size / self.default_image_size)
+        self.augment = Augment(kind, padding, mean=self.mean if normalize else None,
+                               std=self.std if normalize else None)
+        self.root = Path(cfg.data_dir).expanduser()
+        self.layout = self._detect(layout)
+        self._parts: dict[str, FewShotDataset] = {}
+
+    def _parse(self, args: dict[str, Any]) -> None:
+        """Pop a subclass's own task_args."""
+
+    @classmethod
+    def needs(cls) -> str:
+        return "; ".join(f"{layout.name}: {layout.files}" for layout in cls.layouts)
+
+    def _detect(self, name: str) -> Layout:
+        by_name = {layout.name: layout for layout in self.layouts}
+        if name != "auto":
+            if name not in by_name:
+                raise ValueError(f"layout must be 'auto' or one of {sorted(by_name)}, got {name!r}")
+            missing = [p for part in PARTS for p in by_name[name].sources(self.root, part) if not p.exists()]
+            if missing:
+                raise DataError(f"{missing[0]}: not found ({name} layout: {by_name[name].files})")
+            return by_name[name]
+        for layout in self.layouts:
+            if layout.found(self.root):
+                return layout
+        raise DataError(f"{self.root}: no {self.name} layout found; it needs one of: {self.needs()}")
+
+    def _cache(self, part: str) -> tuple[Path, Path]:
+        files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
+                 for p in self.layout.sources(self.root, part)]
+        text = json.dumps([self.name, self.layout.name, self.layout.key(), part, self.image_size, files])
+        stem = f"{self.name}-{part}-{self.image_size}px-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+        images = cache_path(self.root, stem + ".npy")
+        return images, images.with_suffix(".npz")
+
+    def _load(self, part: str) -> tuple[FewShotDataset, np.ndarray]:
+        images_path, meta_path = self._cache(part)
+        if not (images_path.exists() and meta_path.exists()):
+            images_path.parent.mkdir(parents=True, exist_ok=True)
+            where = f"{self.root} ({self.layout.name} layout), {part}"
+            build_cache(self.layout.read(self.root, part, self.image_size), self.image_size, images_path,
+                        meta_path, where)
+        with np.load(meta_path, allow_pickle=False) as meta:
+            names, sizes, hashes = meta["names"].tolist(), meta["sizes"], meta["hashes"]
+        array = np.load(images_path, mmap_mode="c")  # copy-on-write pages, shared until written
+        flat = torch.from_numpy(array).permute(0, 3, 1, 2)
+        return FewShotDataset(flat, names, torch.from_numpy(sizes), scale=False), hashes
+
+    def _load_all(self) -> None:
+        hashes = {}
+        for part in PARTS:
+            data, hashes[part] = self._load(part)
+            expected = self.classes[part]
+            if data.num_classes != expected:
+                raise DataError(
+                    f"{self.root} ({self.layout.name} layout): {part} has {data.num_classes} classes, "
+                    f"{self.name}'s {part} split has {expected}"
+                )
+            self._parts[part] = data
+        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+            common = np.intersect1d(hashes[a], hashes[b])
+            if len(common):
+                raise DataError(
+                    f"{self.root} ({self.layout.name} layout): {len(common)} images of {a} are also in {b}; "
+                    "the parts must not share images"
+                )
+
+    def dataset(self, part: str) -> FewShotDataset:
+        if not self._parts:
+            self._load_all()
+        return self._parts[part]
+
+    def loader(
+        self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1
+    ) -> Iterable[Any]:
+        ways, shots, queries = self.episode_shape(part)
+        data = self.dataset(part)
+        sampler = data.sampler(ways=ways, shots=shots, queries=queries, episodes=episodes, seed=seed,
+                               start=start, rank=rank, world_size=world_size)
+        pin = self.pin_memory if self.pin_memory is not None else self.cfg.device.startswith("cuda")
+        collate = partial(_collate, augment=self.augment, seed=seed, train=part == "train")
+        return episode_loader(_Indexed(data), sampler, self.cfg.meta_batch, world_size, self.workers,
+                              bool(pin), collate)
+
+    def report(self) -> dict[str, Any]:
+        """What ``metashot data`` prints: the layout, and each part's classes, images and image shape."""
+        parts = {}
+        for part in PARTS:
+            data = self.dataset(part)
+            sizes = data.class_sizes
+            parts[part] = {"classes": data.num_classes, "images": len(data),
+                           "images_per_class": [int(sizes.min()), int(sizes.max())]}
+        return {"task": self.name, "root": str(self.root), "layout": self.layout.name,
+                "image_shape": list(self.dataset("test").image_shape), "parts": parts,
+                "cache": str(self._cache("train")[0].parent)}
