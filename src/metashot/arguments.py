@@ -25,7 +25,7 @@ ARRAYS = (list, tuple, Sequence)
 
 
 class OmniglotArgs(TypedDict, total=False):
-    """task_args of "omniglot" (:class:`metashot.data.tasks.OmniglotSource`)."""
+    """task_args of "omniglot" (:class:`metashot.data.omniglot.OmniglotSource`)."""
 
     split: str
     image_size: int
@@ -34,7 +34,7 @@ class OmniglotArgs(TypedDict, total=False):
 
 
 class SequenceArgs(OmniglotArgs, total=False):
-    """task_args of "omniglot-sequences" (:class:`metashot.data.tasks.OmniglotSequenceSource`)."""
+    """task_args of "omniglot-sequences" (:class:`metashot.data.sequences.OmniglotSequenceSource`)."""
 
     classes: int
     instances: int
@@ -44,7 +44,7 @@ class SequenceArgs(OmniglotArgs, total=False):
 
 
 class FolderArgs(TypedDict, total=False):
-    """task_args of "folder" (:class:`metashot.data.tasks.FolderSource`)."""
+    """task_args of "folder" (:class:`metashot.data.folder.FolderSource`)."""
 
     image_size: int
     channels: int
@@ -56,11 +56,46 @@ class SinusoidArgs(TypedDict, total=False):
     """task_args of "sinusoid": none."""
 
 
+class ImageSetArgs(TypedDict, total=False):
+    """task_args of every natural-image benchmark (:class:`metashot.data.imageset.ImageSetSource`)."""
+
+    layout: str
+    image_size: int
+    augment: str
+    normalize: bool
+    workers: int
+    pin_memory: bool | None
+
+
+class TieredArgs(ImageSetArgs, total=False):
+    """task_args of "tieredimagenet"."""
+
+    channel_order: str
+
+
+class CifarArgs(ImageSetArgs, total=False):
+    """task_args of "cifar-fs" and "fc100"."""
+
+    download: bool
+
+
+class CubArgs(ImageSetArgs, total=False):
+    """task_args of "cub"."""
+
+    split: str
+    crop: bool
+
+
 TASK_ARGS: dict[str, type] = {
     "omniglot": OmniglotArgs,
     "folder": FolderArgs,
     "sinusoid": SinusoidArgs,
     "omniglot-sequences": SequenceArgs,
+    "miniimagenet": ImageSetArgs,
+    "tieredimagenet": TieredArgs,
+    "cifar-fs": CifarArgs,
+    "fc100": CifarArgs,
+    "cub": CubArgs,
 }
 
 

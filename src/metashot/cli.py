@@ -114,12 +114,28 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _data_parser(sub: argparse._SubParsersAction) -> None:
+    from metashot.data.tasks import TASKS
+
+    p = sub.add_parser(
+        "data", help="check a dataset folder and report what it holds",
+        description="Detect DIR's layout of the --task dataset, read it (building the decode-once cache on "
+        "first use) and report each part's classes and images, the image shape and any problem; a problem "
+        "is one line and exit status 2.")
+    p.add_argument("data_dir", type=Path, help="the dataset folder")
+    p.add_argument("--task", required=True, choices=sorted(TASKS), help="the dataset")
+    p.add_argument("--task-args", type=_json_object, default={}, metavar="JSON",
+                   help="the task's arguments, e.g. '{\"layout\": \"csv\"}' or '{\"split\": \"feat\"}'")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="metashot", description="Meta-learning: train, evaluate, plot.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_parser(sub)
     _evaluate_parser(sub)
+    _data_parser(sub)
     pp = sub.add_parser("presets", help="list the presets, or print one's config",
                         description="List the presets; with NAME, print that preset's whole config as JSON.")
     pp.add_argument("name", nargs="?", help="a preset to print")
@@ -290,8 +306,41 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _train_command, "evaluate": _evaluate, "presets": _presets, "summarize": _summarize,
-            "plot": _plot, "plot-sinusoid": _plot_sinusoid, "plot-instances": _plot_instances}
+def _data(args: argparse.Namespace) -> int:
+    from metashot.data.sources import FewShotSource
+    from metashot.data.tasks import build_source
+
+    cfg = Config(task=args.task, task_args=args.task_args, data_dir=str(args.data_dir)).validate()
+    try:
+        source = build_source(cfg)
+        if not isinstance(source, FewShotSource):
+            raise ConfigError(f"--task {args.task} reads no dataset folder")
+        report = source.report()
+    except MetashotError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{args.task}: {e}") from None
+    print(json.dumps(report) if args.json else _data_text(report))
+    return 0
+
+
+def _data_text(report: dict[str, Any]) -> str:
+    lines = [f"{report['task']} in {report['root']}" + (
+        f": {report['layout']} layout ({report['layout_files']})" if "layout" in report else "")]
+    lines.append("  images " + " x ".join(map(str, report["image_shape"])) + (
+        f", cached in {report['cache']}" if "cache" in report else ""))
+    for part, p in report["parts"].items():
+        low, high = p["images_per_class"]
+        each = f"{low}" if low == high else f"{low} to {high}"
+        lines.append(f"  {part:5} {p['classes']:5} classes {p['images']:8} images ({each} per class)")
+    if "layout" in report:
+        lines.append("no problem found: the split's class counts, no image in two parts")
+    return "\n".join(lines)
+
+
+COMMANDS = {"train": _train_command, "evaluate": _evaluate, "data": _data, "presets": _presets,
+            "summarize": _summarize, "plot": _plot, "plot-sinusoid": _plot_sinusoid,
+            "plot-instances": _plot_instances}
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -279,13 +279,6 @@ class ImageSetSource(FewShotSource):
                               bool(pin), collate)
 
     def report(self) -> dict[str, Any]:
-        """What ``metashot data`` prints: the layout, and each part's classes, images and image shape."""
-        parts = {}
-        for part in PARTS:
-            data = self.dataset(part)
-            sizes = data.class_sizes
-            parts[part] = {"classes": data.num_classes, "images": len(data),
-                           "images_per_class": [int(sizes.min()), int(sizes.max())]}
-        return {"task": self.name, "root": str(self.root), "layout": self.layout.name,
-                "image_shape": list(self.dataset("test").image_shape), "parts": parts,
-                "cache": str(self._cache("train")[0].parent)}
+        """:meth:`FewShotSource.report`, with the folder, its layout and where the cache is."""
+        return {**super().report(), "root": str(self.root), "layout": self.layout.name,
+                "layout_files": self.layout.files, "cache": str(self._cache("train")[0].parent)}

@@ -57,6 +57,16 @@ class FewShotSource(TaskSource):
     def info(self) -> TaskInfo:
         return TaskInfo(self.dataset("test").image_shape, self.cfg.ways, self.cfg.train_ways)
 
+    def report(self) -> dict[str, Any]:
+        """What ``metashot data`` prints: each part's classes and images, and the image shape."""
+        parts = {}
+        for part in PARTS:
+            sizes = self.dataset(part).class_sizes
+            parts[part] = {"classes": len(sizes), "images": int(sizes.sum()),
+                           "images_per_class": [int(sizes.min()), int(sizes.max())] if len(sizes) else [0, 0]}
+        return {"task": self.cfg.task, "root": self.cfg.data_dir,
+                "image_shape": list(self.dataset("test").image_shape), "parts": parts}
+
     def episode_shape(self, part: str) -> tuple[int, int, int]:
         """Ways, shots and queries per class of ``part``'s episodes (training has its own)."""
         c = self.cfg

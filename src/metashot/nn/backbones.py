@@ -152,11 +152,14 @@ class ResNet12(nn.Sequential):
 
 
 def conv4(
-    input_shape: tuple[int, ...], hidden: int = 64, depth: int = 4, track_running_stats: bool = True
+    input_shape: tuple[int, ...], hidden: int = 64, depth: int = 4, track_running_stats: bool = True,
+    norm_eps: float = 1e-5, norm_scale: bool = True, conv_bias: bool = True,
 ) -> nn.Module:
     """The max-pooled Conv4 of Matching and Prototypical Networks, ``hidden`` wide: [M, hidden] on 28x28
-    (flattened: [M, hidden * 25] on 84x84)."""
-    return Conv4(input_shape[0], hidden, hidden, depth, track_running_stats=track_running_stats)
+    (flattened: [M, hidden * 25] on 84x84; MAML's miniImageNet body with ``hidden=32``); the batch norm
+    and bias options as :func:`conv4_strided`'s."""
+    return Conv4(input_shape[0], hidden, hidden, depth, track_running_stats=track_running_stats,
+                 norm_eps=norm_eps, norm_scale=norm_scale, conv_bias=conv_bias)
 
 
 def conv4_strided(
