@@ -8,9 +8,10 @@ pickles are read with ``encoding="latin1"`` (their ``str`` are bytes; latin1 map
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from metashot.errors import DataError
 
@@ -44,12 +45,13 @@ class _Restricted(pickle.Unpickler):
         )
 
 
-def load_pickle(path: Path) -> Any:
-    """The object pickled in ``path``, by the restricted unpickler. A :class:`~metashot.errors.DataError`
-    names a missing file, an HTML page (a failed Google Drive download), or a truncated or corrupt pickle;
-    :class:`RefusedPickle` a pickle that would call anything else."""
+def load_pickle(path: Path, file: IO[bytes] | None = None) -> Any:
+    """The object pickled in ``path`` (or in the seekable ``file``, which ``path`` then names, e.g. a member
+    of an archive), by the restricted unpickler. A :class:`~metashot.errors.DataError` names a missing file,
+    an HTML page (a failed Google Drive download), or a truncated or corrupt pickle; :class:`RefusedPickle` a
+    pickle that would call anything else."""
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb") if file is None else contextlib.nullcontext(file) as f:
             if f.read(64).lstrip().startswith(b"<"):  # no pickle starts so; an HTML page does
                 raise DataError(
                     f"{path}: an HTML page, not a pickle (a failed Google Drive download?); download the "
