@@ -134,6 +134,8 @@ def image_hashes(images: np.ndarray) -> np.ndarray:
 def build_cache(part: Part, size: int, images_path: Path, meta_path: Path, where: str) -> None:
     """Write ``part`` sorted by class into ``images_path`` (.npy, streamed a chunk at a time) and its
     class names, sizes and image hashes into ``meta_path`` (.npz), both renamed into place together."""
+    if not len(part.labels):  # else an empty .npy without a header would be renamed into place
+        raise DataError(f"{where}: no images")
     order = np.argsort(part.labels, kind="stable")
     sizes = np.bincount(part.labels, minlength=len(part.names))
     present = sizes > 0

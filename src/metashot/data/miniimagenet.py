@@ -67,12 +67,17 @@ class CacheLayout(Layout):
         (path,) = self.sources(root, part)
         obj = check_keys(load_pickle(path), path, ("image_data", "class_dict"))
         images = check_array(obj["image_data"], path, "image_data")
+        if not isinstance(obj["class_dict"], dict):
+            raise DataError(f"{path}: 'class_dict' is {type(obj['class_dict']).__name__}, expected a dict of "
+                            "{class: [rows]}")
         labels = np.full(len(images), -1)
         names = sorted(obj["class_dict"])
         for c, name in enumerate(names):
             rows = np.asarray(obj["class_dict"][name], dtype=np.int64)
             if rows.size and (rows.min() < 0 or rows.max() >= len(images)):
                 raise DataError(f"{path}: class_dict[{name!r}] holds rows outside 0..{len(images) - 1}")
+            if (labels[rows] >= 0).any():
+                raise DataError(f"{path}: class_dict[{name!r}] holds rows of another class")
             labels[rows] = c
         if (labels < 0).any():
             unclassed = int((labels < 0).sum())
@@ -111,13 +116,17 @@ class CsvLayout(Layout):
         if not rows or [c.strip() for c in rows[0]] != ["filename", "label"]:
             found = rows[0] if rows else "nothing"
             raise DataError(f"{path}: expected the header 'filename,label', found {found}")
-        files = [root / "images" / r[0] for r in rows[1:] if r]
-        names = sorted({r[1] for r in rows[1:] if r})
+        for line, r in enumerate(rows[1:], 2):
+            if r and len(r) != 2:
+                raise DataError(f"{path}: line {line} is {r}, expected filename,label")
+        rows = [r for r in rows[1:] if r]
+        files = [root / "images" / r[0] for r in rows]
+        names = sorted({r[1] for r in rows})
         missing = [f for f in files if not f.exists()]
         if missing:
             raise DataError(f"{missing[0]}: not found ({len(missing)} of the files {path.name} names are "
                             "missing)")
-        labels = np.array([names.index(r[1]) for r in rows[1:] if r])
+        labels = np.array([names.index(r[1]) for r in rows])
         return Part(labels, names, lambda rows: read_images([files[i] for i in rows], image_size, 3))
 
 

@@ -64,4 +64,5 @@ def load_pickle(path: Path, file: IO[bytes] | None = None) -> Any:
     except DataError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise DataError(f"{path}: truncated or corrupt pickle ({type(e).__name__}: {e})") from e
+        reason = " ".join(str(e).split())  # one line: some of pickle's messages hold a line break
+        raise DataError(f"{path}: truncated or corrupt pickle ({type(e).__name__}: {reason})") from e
