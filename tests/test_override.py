@@ -14,6 +14,7 @@ from torch import nn
 from metashot import cli, presets
 from metashot.arguments import TASK_ARGS, method_arg_types, task_arg_types
 from metashot.config import Config
+from metashot.data.sources import PARTS
 from metashot.data.tasks import TASKS, build_source
 from metashot.errors import ConfigError
 
@@ -22,8 +23,11 @@ METHOD_ARG: dict[str, dict[str, Any]] = {
     "protonet": {"distance": "cosine"}, "matching": {"fce": True}, "maml": {"inner_steps": 2},
     "mann": {"hidden": 100}, "lstm": {"hidden": 100},
 }
+OPTIMIZER_ARG = {"adam": {"eps": 1e-6}, "rmsprop": {"eps": 1e-6}, "sgd": {"dampening": 0.0}}
 TASK_ARG: dict[str, dict[str, Any]] = {
     "omniglot": {"rotations": False}, "omniglot-sequences": {"max_shift": 0.0}, "sinusoid": {},
+    "miniimagenet": {"augment": "crop-jitter-flip"}, "tieredimagenet": {"channel_order": "rgb"},
+    "cifar-fs": {"download": False}, "fc100": {"workers": 2}, "cub": {"split": "feat"},
 }
 
 
@@ -40,7 +44,7 @@ CASES: dict[str, Callable[[Config], tuple[list[str], dict[str, Any]]]] = {
     "another optimizer with its args": lambda c: (
         ["--optimizer", "sgd", "--optimizer-args", '{"momentum": 0.9}'],
         {"optimizer": "sgd", "optimizer_args": {"momentum": 0.9}}),
-    "optimizer args": lambda c: (["--optimizer-args", '{"eps": 1e-6}'], {"optimizer_args": {"eps": 1e-6}}),
+    "optimizer args": lambda c: _as_both("optimizer_args", OPTIMIZER_ARG[c.optimizer]),
     "another backbone": lambda c: (["--backbone", "resnet12"], {"backbone": "resnet12"}),
     "backbone args": lambda c: (["--backbone-args", '{"hidden": 32}'], {"backbone_args": {"hidden": 32}}),
     "method args": lambda c: _as_both("method_args", METHOD_ARG[c.method]),
@@ -235,6 +239,28 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "folder": {"image_size": 6, "channels": 1, "fractions": [0.5, 0.3, 0.2], "small_classes": "drop"},
     "sinusoid": {},
 }
+IMAGE_SAMPLE = {"image_size": 32, "augment": "resized-crop", "normalize": False, "workers": 2,
+                "pin_memory": True}
+# per natural-image task: a layout, the (empty) files whose presence it is detected by, the task's own args
+IMAGE_SETS: dict[str, tuple[str, list[str], dict[str, Any]]] = {
+    "miniimagenet": ("cache", [f"mini-imagenet-cache-{p}.pkl" for p in PARTS], {}),
+    "tieredimagenet": ("npz", [f"{p}_{k}" for p in PARTS for k in ("images.npz", "labels.pkl")],
+                       {"channel_order": "rgb"}),
+    "cifar-fs": ("pickle", [f"CIFAR_FS_{p}.pickle" for p in PARTS], {"download": False}),
+    "fc100": ("pickle", [f"FC100_{p}.pickle" for p in PARTS], {"download": False}),
+    "cub": ("official", [f"CUB_200_2011/{f}" for f in ("images.txt", "images/", "bounding_boxes.txt")],
+            {"split": "feat", "crop": True}),
+}
+for _task, (_layout, _, _own) in IMAGE_SETS.items():
+    SAMPLES[_task] = {"layout": _layout, **IMAGE_SAMPLE, **_own}
+
+
+def _image_set_arguments_taken(task: str, source: Any) -> None:
+    layout, _, own = IMAGE_SETS[task]
+    assert (source.layout.name, source.image_size, source.workers, source.pin_memory) == (layout, 32, 2, True)
+    assert source.augment.kind == "resized-crop" and source.augment.mean is None  # normalize: false
+    assert getattr(source, "download", False) is False
+    assert {k: v for k, v in own.items() if k != "download"} == source.layout.key()
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
@@ -242,9 +268,14 @@ def test_each_task_sources_declared_arguments_are_the_ones_it_takes(task: str, f
     assert set(TASK_ARGS) == set(TASKS)
     sample = SAMPLES[task]
     assert set(sample) == set(task_arg_types(task) or {})
+    for name in IMAGE_SETS.get(task, ("", []))[1]:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).mkdir() if name.endswith("/") else (folder / name).touch()
     cfg = Config(task=task, task_args=sample, data_dir=str(folder), ways=2, shots=1, queries=1).validate()
     source = build_source(cfg)  # a key it did not take would be a ValueError naming it
-    if task == "folder":
+    if task in IMAGE_SETS:
+        _image_set_arguments_taken(task, source)
+    elif task == "folder":
         assert source.small_classes == "drop" and source.dataset("test").image_shape == (1, 6, 6)
         assert [source._split[p].num_classes for p in ("train", "val", "test")] == [5, 3, 2]
     else:

@@ -12,7 +12,8 @@ import torch
 from metashot import cli, presets
 from metashot.batches import SequenceTaskInfo, TaskInfo
 from metashot.config import Config, options
-from metashot.data.tasks import build_source
+from metashot.data.augment import AUGMENTS
+from metashot.data.tasks import TASKS, build_source
 from metashot.errors import ConfigError, RunFolderError
 from metashot.evaluate import Result
 from metashot.methods import build_method
@@ -243,13 +244,17 @@ def test_another_optimizer_than_the_presets_starts_from_no_arguments() -> None:
 def test_every_preset_validates_names_its_recipe_and_builds(name: str) -> None:
     cfg = presets.get(name).validate()
     assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # saved and loaded alike
-    assert cfg.optimizer in ("adam", "rmsprop") and cfg.schedule in ("step", "cosine", "constant")
+    assert cfg.optimizer in ("adam", "rmsprop", "sgd") and cfg.schedule in ("step", "cosine", "constant")
     if cfg.task == "sinusoid":
         info = build_source(cfg).info
     elif cfg.task == "omniglot-sequences":
         string = cfg.task_args["labels"] == "string"
         info = SequenceTaskInfo((1, 20, 20), cfg.ways, cfg.ways, label_groups=5 if string else 1,
                                 label_values=5 if string else cfg.ways)
+    elif cfg.task in presets.IMAGE_SETS:
+        size = TASKS[cfg.task].default_image_size
+        info = TaskInfo((3, size, size), cfg.ways, cfg.train_ways)
+        assert cfg.task_args["augment"] in AUGMENTS  # each natural-image preset states its augmentation
     else:
         info = TaskInfo((1, 28, 28), cfg.ways, cfg.train_ways)
     method = build_method(cfg, info)

@@ -250,7 +250,7 @@ def _presets(args: argparse.Namespace) -> int:
         print(json.dumps(presets.get(args.name).to_dict(), indent=2))
         return 0
     for name, cfg in sorted(presets.PRESETS.items()):
-        print(f"{name:30} {presets.describe(cfg)}")
+        print(f"{name:38} {presets.describe(cfg)}")
     return 0
 
 

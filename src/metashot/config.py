@@ -61,7 +61,8 @@ class Config:
 
     method: str = "protonet"
     method_args: dict[str, Any] = option({}, "the method's own arguments, e.g. {\"fce\": true}")
-    task: str = option("omniglot", "task source: omniglot, folder, sinusoid, omniglot-sequences")
+    task: str = option("omniglot", "task source: omniglot, folder, sinusoid, omniglot-sequences, "
+                                 "miniimagenet, tieredimagenet, cifar-fs, fc100, cub")
     task_args: dict[str, Any] = option({}, "the task source's arguments, e.g. {\"split\": \"official\"}")
     data_dir: str | None = option(None, "dataset folder; default: $METASHOT_DATA, else ~/.cache/metashot")
     ways: int = option(5, "classes per test episode")

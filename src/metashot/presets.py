@@ -135,6 +135,66 @@ def _omniglot_mann(classes: int, labels: str, memory: bool = True) -> Config:
     )
 
 
+# The natural-image benchmarks (BRIEF section 8): each preset states its augmentation in task_args; all
+# normalise with the dataset's mean and std; 600 test episodes of 15 queries unless the paper says otherwise.
+IMAGE_SETS = ("miniimagenet", "tieredimagenet", "cifar-fs", "fc100", "cub")
+
+
+def _image_protonet(task: str, shots: int) -> Config:
+    # Snell et al. 2017, miniImageNet: Conv4, 30-way training episodes for 1-shot and 20-way for 5-shot,
+    # 15 queries per class, shot = test shot, no augmentation; Adam 1e-3 halved every 2,000 episodes; their
+    # code stops on the validation loss, here 20,000 episodes with the best validation checkpoint kept.
+    return Config(
+        method="protonet", task=task, task_args={"augment": "none"},
+        ways=5, shots=shots, queries=15, train_ways=30 if shots == 1 else 20, train_queries=15,
+        steps=20_000, optimizer="adam", lr=1e-3, schedule="step", lr_step=2_000, lr_gamma=0.5,
+        val_every=500, val_episodes=200, test_episodes=600,
+    )
+
+
+def _image_protonet_resnet12(task: str, shots: int) -> Config:
+    # FEAT's code (Ye et al. 2020), its ProtoNet row: ResNet-12, 5-way 15-query episodes, distances divided
+    # by a temperature of 64, SGD (momentum 0.9, Nesterov, weight decay 5e-4) at 2e-4 halved every 40
+    # epochs of 100 episodes, 200 epochs, no augmentation; 10,000 test episodes. FEAT starts from a
+    # ResNet-12 pretrained on the 64 training classes (its 62.39 / 80.53 need that stage); this trains
+    # from scratch.
+    return Config(
+        method="protonet", method_args={"temperature": 64.0}, task=task, task_args={"augment": "none"},
+        backbone="resnet12", ways=5, shots=shots, queries=15, train_queries=15,
+        steps=20_000, optimizer="sgd", lr=2e-4, weight_decay=5e-4,
+        optimizer_args={"momentum": 0.9, "nesterov": True}, schedule="step", lr_step=4_000, lr_gamma=0.5,
+        val_every=500, val_episodes=200, test_episodes=10_000,
+    )
+
+
+def _image_matching(task: str, shots: int) -> Config:
+    # Vinyals et al. 2016, miniImageNet: Conv4, cosine attention without FCE, training episodes of the
+    # test shape; no optimiser is given: Adam 1e-3 halved every 2,000 episodes as ProtoNet, 15 queries.
+    # The cosine is scaled by 20 before the softmax, as the Omniglot presets (MATCHING_SCALE).
+    return Config(
+        method="matching", method_args={"fce": False, "scale": MATCHING_SCALE}, task=task,
+        task_args={"augment": "none"},
+        ways=5, shots=shots, queries=15, train_queries=15,
+        steps=20_000, optimizer="adam", lr=1e-3, schedule="step", lr_step=2_000, lr_gamma=0.5,
+        val_every=500, val_episodes=200, test_episodes=600,
+    )
+
+
+def _image_maml(task: str, shots: int) -> Config:
+    # Finn et al. 2017, miniImageNet (section 5.2 and the authors' code): the max-pooled Conv4 with 32
+    # filters and the authors' batch norm (MAML_BACKBONE_ARGS), 5 inner steps with alpha 0.01 in training and
+    # 10 at test, meta-batch 4 for 1-shot and 2 for 5-shot, 15 queries per class, Adam 1e-3, constant,
+    # 60,000 meta-iterations, second order, no augmentation; 600 test tasks.
+    return Config(
+        method="maml", method_args={"inner_lr": 0.01, "inner_steps": 5, "test_inner_steps": 10},
+        task=task, task_args={"augment": "none"},
+        backbone="conv4", backbone_args={"hidden": 32, **MAML_BACKBONE_ARGS},
+        ways=5, shots=shots, queries=15, train_queries=15, meta_batch=4 if shots == 1 else 2,
+        steps=60_000, optimizer="adam", lr=1e-3, schedule="constant",
+        val_every=500, val_episodes=200, test_episodes=600,
+    )
+
+
 CELLS = [(w, k) for w in (5, 20) for k in (1, 5)]
 PRESETS: dict[str, Config] = {
     **{f"protonet-omniglot-{w}w{k}s": _omniglot_protonet(w, k) for w, k in CELLS},
@@ -147,6 +207,11 @@ PRESETS: dict[str, Config] = {
     "mann-omniglot-5class-onehot": _omniglot_mann(5, "onehot"),
     "mann-omniglot-15class-string": _omniglot_mann(15, "string"),
     "lstm-omniglot-5class-onehot": _omniglot_mann(5, "onehot", memory=False),
+    **{f"protonet-{d}-5w{k}s": _image_protonet(d, k) for d in IMAGE_SETS for k in (1, 5)},
+    **{f"maml-{d}-5w{k}s": _image_maml(d, k) for d in IMAGE_SETS for k in (1, 5)},
+    **{f"protonet-{d}-resnet12-5w{k}s": _image_protonet_resnet12(d, k)
+       for d in ("miniimagenet", "tieredimagenet") for k in (1, 5)},
+    **{f"matching-miniimagenet-5w{k}s": _image_matching("miniimagenet", k) for k in (1, 5)},
 }
 DEFAULT_PRESET = {
     "protonet": "protonet-omniglot-5w1s",
@@ -168,10 +233,11 @@ def default_preset(method: str, task: str | None = None) -> str | None:
 
 
 def describe(cfg: Config) -> str:
-    """One line: the method, the task and its shape, the training length."""
+    """One line: the method, the task and its shape, the training length, the augmentation if any."""
     shape = TASKS[cfg.task].shape(cfg)
     batch = f" in meta-batches of {cfg.meta_batch}" if cfg.meta_batch > 1 else ""
-    return f"{cfg.method} on {cfg.task}: {shape}; {cfg.steps} steps{batch}"
+    augment = f"; augmentation {cfg.task_args['augment']}" if "augment" in cfg.task_args else ""
+    return f"{cfg.method} on {cfg.task}: {shape}; {cfg.steps} steps{batch}{augment}"
 
 
 def get(name: str) -> Config:

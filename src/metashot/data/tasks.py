@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from metashot.config import Config
+from metashot.data.cifar import CifarFSSource, FC100Source
+from metashot.data.cub import CubSource
 from metashot.data.folder import FolderSource
 from metashot.data.miniimagenet import MiniImageNetSource
 from metashot.data.omniglot import OmniglotSource
 from metashot.data.sequences import OmniglotSequenceSource
 from metashot.data.sinusoid import SinusoidSource
 from metashot.data.sources import PARTS, FewShotSource, TaskSource
+from metashot.data.tieredimagenet import TieredImageNetSource
 from metashot.errors import ConfigError, MetashotError
 
 __all__ = ["PARTS", "TASKS", "FewShotSource", "TaskSource", "build_source", "checked_source"]
@@ -19,6 +22,10 @@ TASKS: dict[str, type[TaskSource]] = {
     "sinusoid": SinusoidSource,
     "omniglot-sequences": OmniglotSequenceSource,
     "miniimagenet": MiniImageNetSource,
+    "tieredimagenet": TieredImageNetSource,
+    "cifar-fs": CifarFSSource,
+    "fc100": FC100Source,
+    "cub": CubSource,
 }
 
 
