@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metashot import cli
 from metashot.config import Config
 from metashot.data import imageset
 from metashot.data.imageset import Part
 from metashot.data.miniimagenet import CacheLayout, MiniImageNetSource
 from metashot.errors import DataError
 from tests.data.test_pickles import _RunsCode
+from tests.layouts import cli_error, copy_without_cache, reads
 from tests.layouts.mini import WNIDS, Written, write_cache, write_category_split, write_csv, write_folders
 
 WRITERS: dict[str, Callable[[Path], Written]] = {
@@ -51,29 +51,10 @@ def _source(root: Path, **task_args: object) -> MiniImageNetSource:
     return MiniImageNetSource(Config(task="miniimagenet", data_dir=str(root), task_args=task_args))
 
 
-def _reads(source: MiniImageNetSource, written: Written) -> None:
-    """``source`` holds ``written``: the class names in order, their sizes and every pixel."""
-    for part, classes in written.items():
-        data = source.dataset(part)
-        assert data.class_names == list(classes)
-        assert data.class_sizes.tolist() == [len(x) for x in classes.values()]
-        pixels = data.flat.permute(0, 2, 3, 1).numpy()
-        assert np.array_equal(pixels, np.concatenate(list(classes.values())))
 
 
-def _copy(root: Path, target: Path) -> Path:
-    """The dataset's files in ``root`` copied to ``target``, without its cache."""
-    shutil.copytree(root, target, ignore=shutil.ignore_patterns("miniimagenet-*"))
-    return target
 
 
-def _error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
-    """The one-line error of ``metashot argv``, which exits 2."""
-    code = cli.main(argv)
-    out, err = capsys.readouterr()
-    assert code == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err, (code, out, err)
-    assert err.startswith("metashot: error: ")
-    return err.strip().removeprefix("metashot: error: ")
 
 
 @pytest.mark.parametrize("layout", WRITERS)
@@ -82,22 +63,22 @@ def test_each_layout_is_detected_and_read_back(copies: dict[str, tuple[Path, Wri
     assert [len(c) for c in written.values()] == [64, 16, 20]
     source = _source(root)
     assert source.layout.name == layout
-    _reads(source, written)
-    _reads(_source(root, layout=layout), written)
+    reads(source, written)
+    reads(_source(root, layout=layout), written)
 
 
 def test_the_cache_layout_takes_learn2learns_validation_name(tmp_path: Path) -> None:
     written = write_cache(tmp_path, val_name="validation")
     assert not (tmp_path / "mini-imagenet-cache-val.pkl").exists()
-    _reads(_source(tmp_path), written)
+    reads(_source(tmp_path), written)
 
 
 def test_a_missing_file_names_what_each_layout_needs(
     copies: dict[str, tuple[Path, Written]], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    root = _copy(copies["cache"][0], tmp_path / "mini")
+    root = copy_without_cache(copies["cache"][0], tmp_path / "mini", "miniimagenet")
     (root / "mini-imagenet-cache-test.pkl").unlink()
-    assert _error(["data", str(root), "--task", "miniimagenet"], capsys) == (
+    assert cli_error(["data", str(root), "--task", "miniimagenet"], capsys) == (
         f"{root}: no miniimagenet layout found; it needs one of: {NEEDS}")
     with pytest.raises(DataError) as e:
         _source(root, layout="cache")
@@ -167,10 +148,10 @@ def test_damaged_files_are_one_line_errors(
     copies: dict[str, tuple[Path, Written]], tmp_path: Path, capsys: pytest.CaptureFixture, damage: str
 ) -> None:
     name, change, message = DAMAGE[damage]
-    root = _copy(copies["cache"][0], tmp_path / "mini")
+    root = copy_without_cache(copies["cache"][0], tmp_path / "mini", "miniimagenet")
     change(root / name)
     expected = message.replace("PATH", str(root / name)).replace("ROOT", str(root))
-    assert _error(["data", str(root), "--task", "miniimagenet"], capsys) == expected
+    assert cli_error(["data", str(root), "--task", "miniimagenet"], capsys) == expected
     if name == TRAIN:  # nothing cached from a file that cannot be read
         assert not list(root.glob("miniimagenet-*"))
 
@@ -178,25 +159,25 @@ def test_damaged_files_are_one_line_errors(
 def test_an_image_in_train_and_test_is_refused(
     copies: dict[str, tuple[Path, Written]], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    root = _copy(copies["cache"][0], tmp_path / "mini")
+    root = copy_without_cache(copies["cache"][0], tmp_path / "mini", "miniimagenet")
     with open(root / TRAIN, "rb") as f:
         image = pickle.load(f)["image_data"][7]
     _rewrite(root / "mini-imagenet-cache-test.pkl", lambda o: {**o, "image_data": np.concatenate(
         [o["image_data"][:5], image[None], o["image_data"][6:]])})
     argv = ["train", "protonet", "--task", "miniimagenet", "--data-dir", str(root), "--steps", "2",
             "--run-dir", str(tmp_path / "run"), "--no-progress"]
-    assert _error(argv, capsys) == (f"{root} (cache layout): 1 images of train are also in test; the parts "
-                                    "must not share images")
+    assert cli_error(argv, capsys) == (f"{root} (cache layout): 1 images of train are also in test; the "
+                                       "parts must not share images")
     assert not (tmp_path / "run").exists()
 
 
 def test_a_csv_naming_a_missing_image(
     copies: dict[str, tuple[Path, Written]], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    root = _copy(copies["csv"][0], tmp_path / "mini")
+    root = copy_without_cache(copies["csv"][0], tmp_path / "mini", "miniimagenet")
     missing = root / "images" / f"{WNID0}00000002.jpg"
     missing.unlink()
-    assert _error(["data", str(root), "--task", "miniimagenet"], capsys) == (
+    assert cli_error(["data", str(root), "--task", "miniimagenet"], capsys) == (
         f"{missing}: not found (1 of the files train.csv names are missing)")
 
 
@@ -208,16 +189,17 @@ def test_a_csv_of_another_form(
     copies: dict[str, tuple[Path, Written]], tmp_path: Path, capsys: pytest.CaptureFixture, text: str,
     message: str,
 ) -> None:
-    root = _copy(copies["csv"][0], tmp_path / "mini")
+    root = copy_without_cache(copies["csv"][0], tmp_path / "mini", "miniimagenet")
     (root / "train.csv").write_text(text)
-    assert _error(["data", str(root), "--task", "miniimagenet"], capsys) == f"{root / 'train.csv'}: {message}"
+    error = cli_error(["data", str(root), "--task", "miniimagenet"], capsys)
+    assert error == f"{root / 'train.csv'}: {message}"
 
 
 def test_a_part_without_images(copies: dict[str, tuple[Path, Written]], tmp_path: Path,
                                capsys: pytest.CaptureFixture) -> None:
-    root = _copy(copies["csv"][0], tmp_path / "mini")
+    root = copy_without_cache(copies["csv"][0], tmp_path / "mini", "miniimagenet")
     (root / "test.csv").write_text("filename,label\n")
-    err = _error(["data", str(root), "--task", "miniimagenet"], capsys)
+    err = cli_error(["data", str(root), "--task", "miniimagenet"], capsys)
     assert err == f"{root} (csv layout), test: no images"
     assert not list(root.glob("miniimagenet-test-*"))
 
@@ -228,10 +210,10 @@ def test_a_pickle_that_runs_code_is_refused_and_runs_nothing(
     control = tmp_path / "control"
     pickle.loads(pickle.dumps(_RunsCode(control)))  # what an ordinary unpickler does with it
     assert control.read_text() == "ran"
-    root = _copy(copies["cache"][0], tmp_path / "mini")
+    root = copy_without_cache(copies["cache"][0], tmp_path / "mini", "miniimagenet")
     marker = tmp_path / "marker"
     _rewrite(root / TRAIN, lambda o: {**o, "class_dict": _RunsCode(marker)})
-    assert _error(["data", str(root), "--task", "miniimagenet"], capsys) == (
+    assert cli_error(["data", str(root), "--task", "miniimagenet"], capsys) == (
         f"{root / TRAIN}: refused to load: the pickle calls builtins.exec, and metashot unpickles only numpy "
         "arrays and plain builtins (a pickle can run any code)")
     assert not marker.exists()
@@ -240,20 +222,20 @@ def test_a_pickle_that_runs_code_is_refused_and_runs_nothing(
 def test_a_second_load_reads_the_cache_and_a_changed_file_is_read_again(
     copies: dict[str, tuple[Path, Written]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root = _copy(copies["cache"][0], tmp_path / "mini")
+    root = copy_without_cache(copies["cache"][0], tmp_path / "mini", "miniimagenet")
     written = copies["cache"][1]
-    reads: list[str] = []
+    calls: list[str] = []
     read = CacheLayout.read
 
     def counted(self: CacheLayout, root: Path, part: str, image_size: int) -> Part:
-        reads.append(part)
+        calls.append(part)
         return read(self, root, part, image_size)
 
     monkeypatch.setattr(CacheLayout, "read", counted)
-    _reads(_source(root), written)
-    assert reads == ["train", "val", "test"] and len(list(root.glob("miniimagenet-*.npy"))) == 3
-    _reads(_source(root), written)
-    assert reads == ["train", "val", "test"]
+    reads(_source(root), written)
+    assert calls == ["train", "val", "test"] and len(list(root.glob("miniimagenet-*.npy"))) == 3
+    reads(_source(root), written)
+    assert calls == ["train", "val", "test"]
     # new images in a file of the same size: the new modification time makes a new cache
     new = write_cache(tmp_path / "new", seed=1)
     path = root / TRAIN
@@ -261,14 +243,14 @@ def test_a_second_load_reads_the_cache_and_a_changed_file_is_read_again(
     shutil.copyfile(tmp_path / "new" / TRAIN, path)
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
     assert path.stat().st_size == before.st_size
-    _reads(_source(root), {**written, "train": new["train"]})
-    assert reads == ["train", "val", "test", "train"]
+    reads(_source(root), {**written, "train": new["train"]})
+    assert calls == ["train", "val", "test", "train"]
 
 
 def test_an_interrupted_cache_build_leaves_nothing(
     copies: dict[str, tuple[Path, Written]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root = _copy(copies["cache"][0], tmp_path / "mini")
+    root = copy_without_cache(copies["cache"][0], tmp_path / "mini", "miniimagenet")
     files = sorted(os.listdir(root))
     monkeypatch.setattr(imageset, "CHUNK", 16)
     read = CacheLayout.read
@@ -290,4 +272,4 @@ def test_an_interrupted_cache_build_leaves_nothing(
         _source(root).dataset("train")
     assert sorted(os.listdir(root)) == files
     monkeypatch.setattr(CacheLayout, "read", read)
-    _reads(_source(root), copies["cache"][1])
+    reads(_source(root), copies["cache"][1])

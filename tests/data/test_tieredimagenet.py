@@ -5,7 +5,6 @@ the file (through the command line, exit status 2)."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from metashot.config import Config
 from metashot.data import tasks, tieredimagenet
 from metashot.data.pickles import load_pickle
 from metashot.data.tieredimagenet import TieredImageNetSource, npz_images
+from tests.layouts import cli_error, copy_without_cache, reads
 from tests.layouts.mini import Written, py2_pickle
 from tests.layouts.tiered import SPLIT, WNIDS, blocks, png, write_npz, write_png_pkl
 
@@ -44,27 +44,10 @@ def _source(root: Path, **task_args: object) -> TieredImageNetSource:
     return TieredImageNetSource(Config(task="tieredimagenet", data_dir=str(root), task_args=task_args))
 
 
-def _reads(source: TieredImageNetSource, written: Written) -> None:
-    """``source`` holds ``written``: the class names in order, their sizes and every pixel."""
-    for part, classes in written.items():
-        data = source.dataset(part)
-        assert data.class_names == list(classes)
-        assert data.class_sizes.tolist() == [len(x) for x in classes.values()]
-        pixels = data.flat.permute(0, 2, 3, 1).numpy()
-        assert np.array_equal(pixels, np.concatenate(list(classes.values())))
 
 
-def _copy(root: Path, target: Path) -> Path:
-    shutil.copytree(root, target, ignore=shutil.ignore_patterns("tieredimagenet-*"))
-    return target
 
 
-def _error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
-    """The one-line error of ``metashot argv``, which exits 2."""
-    code = cli.main(argv)
-    out, err = capsys.readouterr()
-    assert code == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err, (code, out, err)
-    return err.strip().removeprefix("metashot: error: ")
 
 
 @pytest.mark.parametrize("layout", WRITERS)
@@ -73,26 +56,26 @@ def test_each_layout_is_detected_and_read_back(copies: dict[str, tuple[Path, Wri
     assert [len(c) for c in written.values()] == list(SPLIT.values()) == [351, 97, 160]
     source = _source(root)
     assert source.layout.name == layout
-    _reads(source, written)
+    reads(source, written)
 
 
 def test_the_npz_beside_ren_et_als_labels_file(tmp_path: Path) -> None:
     written = write_npz(tmp_path, labels_key="label_specific")
     assert list(written["val"])[:2] == WNIDS[351:353]  # named by label_specific_str
-    _reads(_source(tmp_path), written)
+    reads(_source(tmp_path), written)
 
 
 def test_the_npz_channel_order_is_the_task_args(copies: dict[str, tuple[Path, Written]], tmp_path: Path,
                                                 capsys: pytest.CaptureFixture) -> None:
-    root = _copy(copies["npz"][0], tmp_path / "tiered")
+    root = copy_without_cache(copies["npz"][0], tmp_path / "tiered", "tieredimagenet")
     written = copies["npz"][1]
     stored = {p: {n: x[..., ::-1] for n, x in classes.items()} for p, classes in written.items()}
-    _reads(_source(root, channel_order="rgb"), stored)  # taken as they lie: the BGR arrays
-    _reads(_source(root), written)  # the default, flipped: a cache of its own
+    reads(_source(root, channel_order="rgb"), stored)  # taken as they lie: the BGR arrays
+    reads(_source(root), written)  # the default, flipped: a cache of its own
     assert len(list(root.glob("tieredimagenet-train-*.npy"))) == 2
-    _reads(_source(copies["png-pkl"][0], channel_order="rgb"), copies["png-pkl"][1])  # PNGs are RGB
-    assert _error(["data", str(root), "--task", "tieredimagenet", "--task-args", '{"channel_order": "RGB"}'],
-                  capsys) == "tieredimagenet: channel_order must be one of ('bgr', 'rgb'), got 'RGB'"
+    reads(_source(copies["png-pkl"][0], channel_order="rgb"), copies["png-pkl"][1])  # PNGs are RGB
+    argv = ["data", str(root), "--task", "tieredimagenet", "--task-args", '{"channel_order": "RGB"}']
+    assert cli_error(argv, capsys) == "tieredimagenet: channel_order must be one of ('bgr', 'rgb'), got 'RGB'"
 
 
 def test_pngs_are_decoded_only_as_asked(copies: dict[str, tuple[Path, Written]],
@@ -206,22 +189,22 @@ DAMAGE = {**{("png-pkl", k): v for k, v in PNG_DAMAGE.items()},
 def test_damaged_files_are_one_line_errors(copies: dict[str, tuple[Path, Written]], tmp_path: Path,
                                            capsys: pytest.CaptureFixture, layout: str, damage: str) -> None:
     change, message = DAMAGE[layout, damage]
-    root = _copy(copies[layout][0], tmp_path / "tiered")
+    root = copy_without_cache(copies[layout][0], tmp_path / "tiered", "tieredimagenet")
     change(root)
     expected = message.replace("ROOT", str(root)) if message.startswith("ROOT") else f"{root}/{message}"
-    assert _error(["data", str(root), "--task", "tieredimagenet"], capsys) == expected
+    assert cli_error(["data", str(root), "--task", "tieredimagenet"], capsys) == expected
 
 
 def test_an_image_in_val_and_test_is_refused(copies: dict[str, tuple[Path, Written]], tmp_path: Path,
                                              capsys: pytest.CaptureFixture) -> None:
-    root = _copy(copies["npz"][0], tmp_path / "tiered")
+    root = copy_without_cache(copies["npz"][0], tmp_path / "tiered", "tieredimagenet")
     with np.load(root / "val_images.npz") as z:
         val = z["images"]
     with np.load(root / "test_images.npz") as z:
         test = z["images"].copy()
     test[[3, 8]] = val[[0, 1]]
     np.savez(root / "test_images.npz", images=test)
-    assert _error(["data", str(root), "--task", "tieredimagenet"], capsys) == (
+    assert cli_error(["data", str(root), "--task", "tieredimagenet"], capsys) == (
         f"{root} (npz layout): 2 images of val are also in test; the parts must not share images")
 
 

@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from tests.layouts import Written
+
 SPLIT = {"train": 64, "val": 16, "test": 20}
 SIZE = 84
 WNIDS = [f"n{1440764 + 7919 * i:08d}" for i in range(100)]  # ascending, so sorted order is split order
-Written = dict[str, dict[str, np.ndarray]]
 
 
 def noise(n: int, seed: int, size: int = SIZE) -> np.ndarray:

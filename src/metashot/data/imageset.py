@@ -271,13 +271,10 @@ class ImageSetSource(FewShotSource):
     def loader(
         self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1
     ) -> Iterable[Any]:
-        ways, shots, queries = self.episode_shape(part)
-        data = self.dataset(part)
-        sampler = data.sampler(ways=ways, shots=shots, queries=queries, episodes=episodes, seed=seed,
-                               start=start, rank=rank, world_size=world_size)
+        sampler = self.sampler(part, episodes, seed=seed, start=start, rank=rank, world_size=world_size)
         pin = self.pin_memory if self.pin_memory is not None else self.cfg.device.startswith("cuda")
         collate = partial(_collate, augment=self.augment, seed=seed, train=part == "train")
-        return episode_loader(_Indexed(data), sampler, self.cfg.meta_batch, world_size, self.workers,
+        return episode_loader(_Indexed(self.dataset(part)), sampler, self.cfg.meta_batch, world_size, self.workers,
                               bool(pin), collate)
 
     def report(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 from metashot.batches import TaskInfo
 from metashot.config import Config
 from metashot.data.fewshot import FewShotDataset, episode_loader
+from metashot.data.sampling import EpisodeSampler
 
 PARTS = ("train", "val", "test")
 
@@ -74,11 +75,13 @@ class FewShotSource(TaskSource):
             return c.train_ways, c.train_shots, c.train_queries
         return c.ways, c.shots, c.queries
 
+    def sampler(self, part: str, episodes: int, **stream: int) -> EpisodeSampler:
+        """``part``'s episode sampler; ``stream``: seed, start, rank and world_size (see :meth:`loader`)."""
+        ways, shots, queries = self.episode_shape(part)
+        return self.dataset(part).sampler(ways=ways, shots=shots, queries=queries, episodes=episodes, **stream)
+
     def loader(
         self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1
     ) -> Iterable[Any]:
-        ways, shots, queries = self.episode_shape(part)
-        data = self.dataset(part)
-        sampler = data.sampler(ways=ways, shots=shots, queries=queries, episodes=episodes, seed=seed,
-                               start=start, rank=rank, world_size=world_size)
-        return episode_loader(data, sampler, self.cfg.meta_batch, world_size)
+        sampler = self.sampler(part, episodes, seed=seed, start=start, rank=rank, world_size=world_size)
+        return episode_loader(self.dataset(part), sampler, self.cfg.meta_batch, world_size)
