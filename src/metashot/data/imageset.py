@@ -274,8 +274,8 @@ class ImageSetSource(FewShotSource):
         sampler = self.sampler(part, episodes, seed=seed, start=start, rank=rank, world_size=world_size)
         pin = self.pin_memory if self.pin_memory is not None else self.cfg.device.startswith("cuda")
         collate = partial(_collate, augment=self.augment, seed=seed, train=part == "train")
-        return episode_loader(_Indexed(self.dataset(part)), sampler, self.cfg.meta_batch, world_size, self.workers,
-                              bool(pin), collate)
+        return episode_loader(_Indexed(self.dataset(part)), sampler, self.cfg.meta_batch, world_size,
+                              self.workers, bool(pin), collate)
 
     def report(self) -> dict[str, Any]:
         """:meth:`FewShotSource.report`, with the folder, its layout and where the cache is."""

@@ -78,7 +78,8 @@ class FewShotSource(TaskSource):
     def sampler(self, part: str, episodes: int, **stream: int) -> EpisodeSampler:
         """``part``'s episode sampler; ``stream``: seed, start, rank and world_size (see :meth:`loader`)."""
         ways, shots, queries = self.episode_shape(part)
-        return self.dataset(part).sampler(ways=ways, shots=shots, queries=queries, episodes=episodes, **stream)
+        data = self.dataset(part)
+        return data.sampler(ways=ways, shots=shots, queries=queries, episodes=episodes, **stream)
 
     def loader(
         self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1
