@@ -12,8 +12,7 @@ from torch import nn
 
 from metashot.batches import Episode
 from metashot.config import Config
-from metashot.data.omniglot import Omniglot
-from metashot.data.omniglot import OmniglotSource
+from metashot.data.omniglot import Omniglot, OmniglotSource
 from metashot.evaluate import evaluate
 from metashot.methods import (
     METHODS,
