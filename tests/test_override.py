@@ -292,3 +292,18 @@ def test_a_saved_maml_run_config_still_loads(tmp_path: Path) -> None:
 def test_an_unregistered_task_source_takes_any_arguments() -> None:
     assert task_arg_types("custom") is None
     Config(task="custom", task_args={"anything": [1, 2]}).validate()
+
+
+def test_a_dict_given_by_its_option_and_by_sets_is_merged_in_order() -> None:
+    cfg = _cli("protonet", "--preset", "protonet-miniimagenet-5w1s",
+               "--task-args", '{"augment": "resized-crop"}', "--set", 'task_args={"normalize": false}', "--set", 'task_args={"workers": 2}',
+               "--set", 'optimizer_args={"betas": [0.8, 0.9]}', "--set", 'optimizer_args={"eps": 1e-6}')
+    assert cfg.task_args == {"augment": "resized-crop", "normalize": False, "workers": 2}
+    assert cfg.optimizer_args == {"betas": [0.8, 0.9], "eps": 1e-6}
+    assert _cli("protonet", "--task-args", '{"split": "official"}', "--task-args", '{"rotations": false}'
+                ).task_args == {"rotations": False}  # the last of an option given twice
+
+
+def test_the_data_folder_is_kept_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert _cli("protonet", "--data-dir", "../data").data_dir == str(tmp_path.parent / "data")

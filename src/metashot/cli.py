@@ -188,10 +188,16 @@ def _takes_string(kind: Any) -> bool:
 
 
 def _changes(args: argparse.Namespace) -> dict[str, Any]:
-    """The config fields the command line sets explicitly, as given (the last of an option given twice);
-    :meth:`Config.override` applies them."""
+    """The config fields the command line sets explicitly (the last of an option given twice; a dict field
+    given by its option and by ``--set``s, those merged in order); :meth:`Config.override` applies them."""
+    changes: dict[str, Any] = {}
     given = [(f.name, v) for f in options() if (v := getattr(args, f.name)) is not None]
-    return dict(given + [_parse_set(item) for item in args.set])
+    for key, value in given + [_parse_set(item) for item in args.set]:
+        merge = isinstance(value, dict) and isinstance(changes.get(key), dict)
+        changes[key] = changes[key] | value if merge else value
+    if isinstance(changes.get("data_dir"), str):  # a run folder's config names its data wherever it is read
+        changes["data_dir"] = os.path.abspath(Path(changes["data_dir"]).expanduser())
+    return changes
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
