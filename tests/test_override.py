@@ -296,7 +296,8 @@ def test_an_unregistered_task_source_takes_any_arguments() -> None:
 
 def test_a_dict_given_by_its_option_and_by_sets_is_merged_in_order() -> None:
     cfg = _cli("protonet", "--preset", "protonet-miniimagenet-5w1s",
-               "--task-args", '{"augment": "resized-crop"}', "--set", 'task_args={"normalize": false}', "--set", 'task_args={"workers": 2}',
+               "--task-args", '{"augment": "resized-crop"}',
+               "--set", 'task_args={"normalize": false}', "--set", 'task_args={"workers": 2}',
                "--set", 'optimizer_args={"betas": [0.8, 0.9]}', "--set", 'optimizer_args={"eps": 1e-6}')
     assert cfg.task_args == {"augment": "resized-crop", "normalize": False, "workers": 2}
     assert cfg.optimizer_args == {"betas": [0.8, 0.9], "eps": 1e-6}
