@@ -240,7 +240,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "sinusoid": {},
 }
 IMAGE_SAMPLE = {"image_size": 32, "augment": "resized-crop", "normalize": False, "workers": 2,
-                "pin_memory": True}
+                "pin_memory": True, "duplicates": "warn"}
 # per natural-image task: a layout, the (empty) files whose presence it is detected by, the task's own args
 IMAGE_SETS: dict[str, tuple[str, list[str], dict[str, Any]]] = {
     "miniimagenet": ("cache", [f"mini-imagenet-cache-{p}.pkl" for p in PARTS], {}),
@@ -258,6 +258,7 @@ for _task, (_layout, _, _own) in IMAGE_SETS.items():
 def _image_set_arguments_taken(task: str, source: Any) -> None:
     layout, _, own = IMAGE_SETS[task]
     assert (source.layout.name, source.image_size, source.workers, source.pin_memory) == (layout, 32, 2, True)
+    assert source.duplicates == "warn"
     assert source.augment.kind == "resized-crop" and source.augment.mean is None  # normalize: false
     assert getattr(source, "download", False) is False
     assert {k: v for k, v in own.items() if k != "download"} == source.layout.key()

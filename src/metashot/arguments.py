@@ -65,6 +65,7 @@ class ImageSetArgs(TypedDict, total=False):
     normalize: bool
     workers: int
     pin_memory: bool | None
+    duplicates: str
 
 
 class TieredArgs(ImageSetArgs, total=False):

@@ -335,6 +335,8 @@ def _data_text(report: dict[str, Any]) -> str:
         f": {report['layout']} layout ({report['layout_files']})" if "layout" in report else "")]
     lines.append("  images " + " x ".join(map(str, report["image_shape"])) + (
         f", cached in {report['cache']}" if "cache" in report else ""))
+    if report.get("options"):
+        lines.append("  read with " + ", ".join(f"{k} {v}" for k, v in report["options"].items()))
     for part, p in report["parts"].items():
         low, high = p["images_per_class"]
         each = f"{low}" if low == high else f"{low} to {high}"

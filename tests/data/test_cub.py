@@ -129,8 +129,9 @@ def _copy(cub: tuple[Path, list[Written]], to: Path) -> Path:
 def test_missing_images_txt(cub: tuple[Path, list[Written]], tmp_path: Path) -> None:
     base = _copy(cub, tmp_path)
     (base / "images.txt").unlink()
-    with pytest.raises(DataError, match=f"^{tmp_path}: no cub layout found; it needs one of: official: "
-                       r"CUB_200_2011/images/<NNN.Name>/\*.jpg with images.txt \(and bounding_boxes.txt"):
+    with pytest.raises(DataError, match=f"^{tmp_path}: the official layout \\(CUB_200_2011/images/"
+                       r"<NNN.Name>/\*.jpg with images.txt \(and bounding_boxes.txt for crop\)\) lacks "
+                       r"CUB_200_2011/images.txt$"):
         _source(tmp_path)
     with pytest.raises(DataError, match=f"^{base}/images.txt: not found \\(official layout: "):
         _source(tmp_path, layout="official")

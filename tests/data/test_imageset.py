@@ -4,16 +4,20 @@ of processes, the resume point or the loader workers; test episodes never augmen
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from metashot import cli
 from metashot.batches import Episode
 from metashot.config import Config
 from metashot.data.tasks import build_source
-from tests.layouts.mini import write_cache
+from metashot.errors import DataError
+from tests.layouts import copy_without_cache
+from tests.layouts.mini import write_cache, write_csv
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +85,50 @@ def test_data_command_names_what_a_folder_lacks(tmp_path: Path, capsys: pytest.C
     err = capsys.readouterr().err
     assert err.startswith(f"metashot: error: {tmp_path}: no miniimagenet layout found; it needs one of: ")
     assert "category-split: miniImageNet_category_split_" in err and err.count("\n") == 1
+
+
+def test_an_image_changed_in_place_builds_a_new_cache(tmp_path: Path) -> None:
+    written = write_csv(tmp_path)
+    before = _source(tmp_path, augment="none").dataset("test").flat[0].clone()
+    first = next(iter(written["test"]))  # the test part's first class, its first image
+    image = sorted((tmp_path / "images").glob(f"{first}*.jpg"))[0]
+    Image.new("RGB", (84, 84), (255, 255, 255)).save(image)
+    after = _source(tmp_path, augment="none").dataset("test").flat[0]
+    assert not torch.equal(before, after) and int(after.min()) >= 250
+    assert len(list(tmp_path.glob("miniimagenet-test-*.npy"))) == 2
+
+
+def test_a_killed_builds_temporaries_are_removed_by_the_next(mini: Path, tmp_path: Path) -> None:
+    root = copy_without_cache(mini, tmp_path / "mini", "miniimagenet")
+    source = _source(root)
+    stem = source._cache("train")[0].stem
+    left = root / f".{stem}.npy.x1y2.tmp"
+    left.write_bytes(b"half of a cache")
+    source.dataset("train")
+    assert not left.exists() and not list(root.glob(".*"))
+
+
+def test_feats_split_folder_and_a_spreadsheets_bom_are_read(tmp_path: Path) -> None:
+    written = write_csv(tmp_path)
+    (tmp_path / "split").mkdir()
+    for part in ("train", "val", "test"):
+        text = (tmp_path / f"{part}.csv").read_text()
+        (tmp_path / f"{part}.csv").unlink()
+        (tmp_path / "split" / f"{part}.csv").write_text("\ufeff" + text, encoding="utf-8")
+    source = _source(tmp_path, augment="none")
+    assert source.layout.name == "csv"
+    assert [source.dataset(p).class_names for p in written] == [list(c) for c in written.values()]
+
+
+def test_images_in_two_parts_may_be_let_through_with_a_warning(mini: Path, tmp_path: Path) -> None:
+    root = copy_without_cache(mini, tmp_path / "mini", "miniimagenet")
+    with open(root / "mini-imagenet-cache-test.pkl", "rb") as f:
+        test = pickle.load(f)  # the test's own file
+    with open(root / "mini-imagenet-cache-train.pkl", "rb") as f:
+        test["image_data"][0] = pickle.load(f)["image_data"][0]
+    with open(root / "mini-imagenet-cache-test.pkl", "wb") as f:
+        pickle.dump(test, f)
+    with pytest.raises(DataError, match="1 images of train are also in test"):
+        _source(root).dataset("test")
+    with pytest.warns(UserWarning, match="1 images of train are also in test"):
+        assert _source(root, duplicates="warn").dataset("test").num_classes == 20

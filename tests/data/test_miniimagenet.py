@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from metashot.config import Config
-from metashot.data import imageset
+from metashot.data import imagecache
 from metashot.data.imageset import Part
 from metashot.data.miniimagenet import CacheLayout, MiniImageNetSource
 from metashot.errors import DataError
@@ -28,7 +28,8 @@ WRITERS: dict[str, Callable[[Path], Written]] = {
 }
 NEEDS = ("cache: mini-imagenet-cache-{train,val,test}.pkl (val may be named validation); category-split: "
          "miniImageNet_category_split_{train_phase_train,val,test}.pickle; csv: images/ with "
-         "{train,val,test}.csv of filename,label; folders: {train,val,test}/<class>/*.jpg")
+         "{train,val,test}.csv of filename,label (beside it or in split/, as FEAT's); folders: "
+         "{train,val,test}/<class>/*.jpg")
 
 
 @pytest.fixture(autouse=True)
@@ -79,10 +80,17 @@ def test_a_missing_file_names_what_each_layout_needs(
     root = copy_without_cache(copies["cache"][0], tmp_path / "mini", "miniimagenet")
     (root / "mini-imagenet-cache-test.pkl").unlink()
     assert cli_error(["data", str(root), "--task", "miniimagenet"], capsys) == (
+        f"{root}: the cache layout (mini-imagenet-cache-{{train,val,test}}.pkl (val may be named "
+        "validation)) lacks mini-imagenet-cache-test.pkl")
+    (root / "mini-imagenet-cache-train.pkl").unlink()
+    (root / "mini-imagenet-cache-val.pkl").unlink()
+    assert cli_error(["data", str(root), "--task", "miniimagenet"], capsys) == (
         f"{root}: no miniimagenet layout found; it needs one of: {NEEDS}")
+    assert cli_error(["data", str(root / "typo"), "--task", "miniimagenet"], capsys) == (
+        f"{root / 'typo'}: no such folder (--data-dir: a folder with one of: {NEEDS})")
     with pytest.raises(DataError) as e:
         _source(root, layout="cache")
-    assert str(e.value) == (f"{root / 'mini-imagenet-cache-test.pkl'}: not found (cache layout: "
+    assert str(e.value) == (f"{root / 'mini-imagenet-cache-train.pkl'}: not found (cache layout: "
                             "mini-imagenet-cache-{train,val,test}.pkl (val may be named validation))")
 
 
@@ -166,8 +174,9 @@ def test_an_image_in_train_and_test_is_refused(
         [o["image_data"][:5], image[None], o["image_data"][6:]])})
     argv = ["train", "protonet", "--task", "miniimagenet", "--data-dir", str(root), "--steps", "2",
             "--run-dir", str(tmp_path / "run"), "--no-progress"]
-    assert cli_error(argv, capsys) == (f"{root} (cache layout): 1 images of train are also in test; the "
-                                       "parts must not share images")
+    assert cli_error(argv, capsys) == (
+        f"{root} (cache layout): 1 images of train are also in test; the parts must not share images "
+        '(task_args {"duplicates": "warn"} lets them)')
     assert not (tmp_path / "run").exists()
 
 
@@ -252,7 +261,7 @@ def test_an_interrupted_cache_build_leaves_nothing(
 ) -> None:
     root = copy_without_cache(copies["cache"][0], tmp_path / "mini", "miniimagenet")
     files = sorted(os.listdir(root))
-    monkeypatch.setattr(imageset, "CHUNK", 16)
+    monkeypatch.setattr(imagecache, "CHUNK", 16)
     read = CacheLayout.read
 
     def interrupted(self: CacheLayout, root: Path, part: str, image_size: int) -> Part:

@@ -205,7 +205,8 @@ def test_an_image_in_val_and_test_is_refused(copies: dict[str, tuple[Path, Writt
     test[[3, 8]] = val[[0, 1]]
     np.savez(root / "test_images.npz", images=test)
     assert cli_error(["data", str(root), "--task", "tieredimagenet"], capsys) == (
-        f"{root} (npz layout): 2 images of val are also in test; the parts must not share images")
+        f"{root} (npz layout): 2 images of val are also in test; the parts must not share images "
+        '(task_args {"duplicates": "warn"} lets them)')
 
 
 def test_the_data_command_reports_either_layout(copies: dict[str, tuple[Path, Written]],

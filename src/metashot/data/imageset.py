@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -22,7 +23,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from metashot.batches import Episode
@@ -30,24 +30,12 @@ from metashot.config import Config
 from metashot.data.augment import AUGMENTS, Augment
 from metashot.data.download import cache_path
 from metashot.data.fewshot import FewShotDataset, episode_loader
+from metashot.data.imagecache import Part, build_cache, fingerprint, load_cache, locked
 from metashot.data.sampling import EpisodeIndex
 from metashot.data.sources import PARTS, FewShotSource
 from metashot.errors import DataError
-from metashot.io import atomic_write_all
 
-CHUNK = 1024  # images decoded and written to the cache at a time
-
-
-@dataclass(frozen=True)
-class Part:
-    """One part of a dataset as a layout reads it, its images in any order.
-
-    labels: int [N], indices into ``names``; images: rows (int [n]) -> uint8 [n, H, W, C] of those rows.
-    """
-
-    labels: np.ndarray
-    names: list[str]
-    images: Callable[[np.ndarray], np.ndarray]
+DUPLICATES = ("error", "warn")  # what an image found in two parts is
 
 
 class Layout(ABC):
@@ -116,59 +104,14 @@ def _collate(items: list[tuple[int, Episode]], augment: Augment, seed: int, trai
     return RawEpisodes(episode, torch.tensor([i for i, _ in items]), augment, seed, train)
 
 
-def resize(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [n, H, W, C] resized to [n, size, size, C] with antialiasing (Pillow's Lanczos)."""
-    if images.shape[1:3] == (size, size):
-        return images
-    out = [np.asarray(Image.fromarray(x.squeeze(-1) if x.shape[-1] == 1 else x)
-                      .resize((size, size), Image.Resampling.LANCZOS)) for x in images]
-    return np.stack(out).reshape(len(images), size, size, images.shape[-1])
-
-
-def image_hashes(images: np.ndarray) -> np.ndarray:
-    """One 64-bit hash of each image's pixels, [n] uint64."""
-    return np.array([int.from_bytes(hashlib.blake2b(x.tobytes(), digest_size=8).digest(), "little")
-                     for x in images], dtype=np.uint64)
-
-
-def build_cache(part: Part, size: int, images_path: Path, meta_path: Path, where: str) -> None:
-    """Write ``part`` sorted by class into ``images_path`` (.npy, streamed a chunk at a time) and its
-    class names, sizes and image hashes into ``meta_path`` (.npz), both renamed into place together."""
-    if not len(part.labels):  # else an empty .npy without a header would be renamed into place
-        raise DataError(f"{where}: no images")
-    order = np.argsort(part.labels, kind="stable")
-    sizes = np.bincount(part.labels, minlength=len(part.names))
-    present = sizes > 0
-    hashes: list[np.ndarray] = []
-
-    def write_images(f: Any) -> None:
-        channels = None
-        for start in range(0, len(order), CHUNK):
-            x = part.images(order[start:start + CHUNK])
-            if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
-                raise DataError(f"{where}: images are {x.dtype} {x.shape[1:]}, expected uint8 (H, W, 3)")
-            x = np.ascontiguousarray(resize(x, size))
-            if channels is None:
-                channels = x.shape[-1]
-                header = {"descr": "|u1", "fortran_order": False, "shape": (len(order), size, size, channels)}
-                np.lib.format.write_array_header_1_0(f, header)
-            f.write(x.tobytes())
-            hashes.append(image_hashes(x))
-
-    def write_meta(f: Any) -> None:
-        np.savez(f, names=np.array(part.names)[present], sizes=sizes[present],
-                 hashes=np.concatenate(hashes) if hashes else np.zeros(0, np.uint64))
-
-    atomic_write_all({images_path: write_images, meta_path: write_meta})
-
-
 class ImageSetSource(FewShotSource):
     """A natural-image benchmark in ``data_dir``, in any of ``layouts`` (detected, or task_args' layout).
 
     task_args: layout ("auto" or a layout's name), image_size (the dataset's), augment (one of
     :data:`~metashot.data.augment.AUGMENTS`, training episodes only), normalize (true: the dataset's
-    mean and std), workers (DataLoader worker processes, 0), pin_memory (null: when the device is CUDA);
-    a subclass adds its own in :meth:`_parse`.
+    mean and std), workers (DataLoader worker processes, 0), pin_memory (null: when the device is CUDA),
+    duplicates ("error", or "warn": an image found in two parts); a subclass adds its own in
+    :meth:`_parse`.
     """
 
     name: ClassVar[str]
@@ -190,9 +133,14 @@ class ImageSetSource(FewShotSource):
         normalize = args.pop("normalize", True)
         self.workers = int(args.pop("workers", 0))
         self.pin_memory = args.pop("pin_memory", None)
+        self.duplicates = args.pop("duplicates", "error")
         self._parse(args)
         if args:
             raise ValueError(f"unknown {self.name} task_args {sorted(args)}")
+        if self.workers < 0 or self.image_size < 8:
+            raise ValueError(f"need workers >= 0 and image_size >= 8, got {self.workers}, {self.image_size}")
+        if self.duplicates not in DUPLICATES:
+            raise ValueError(f"duplicates must be one of {DUPLICATES}, got {self.duplicates!r}")
         if kind not in AUGMENTS:
             raise ValueError(f"augment must be one of {AUGMENTS}, got {kind!r}")
         padding = round(self.padding * self.image_size / self.default_image_size)
@@ -221,11 +169,18 @@ class ImageSetSource(FewShotSource):
         for layout in self.layouts:
             if layout.found(self.root):
                 return layout
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: no such folder (--data-dir: a folder with one of: {self.needs()})")
+        for layout in self.layouts:  # one that is partly there: name what it lacks
+            paths = [p for part in PARTS for p in layout.sources(self.root, part)]
+            if any(p.exists() for p in paths):
+                lacks = dict.fromkeys(str(p.relative_to(self.root)) for p in paths if not p.exists())
+                missing = ", ".join(lacks)
+                raise DataError(f"{self.root}: the {layout.name} layout ({layout.files}) lacks {missing}")
         raise DataError(f"{self.root}: no {self.name} layout found; it needs one of: {self.needs()}")
 
     def _cache(self, part: str) -> tuple[Path, Path]:
-        files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
-                 for p in self.layout.sources(self.root, part)]
+        files = fingerprint(self.layout.sources(self.root, part))
         text = json.dumps([self.name, self.layout.name, self.layout.key(), part, self.image_size, files])
         stem = f"{self.name}-{part}-{self.image_size}px-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
         images = cache_path(self.root, stem + ".npy")
@@ -233,16 +188,13 @@ class ImageSetSource(FewShotSource):
 
     def _load(self, part: str) -> tuple[FewShotDataset, np.ndarray]:
         images_path, meta_path = self._cache(part)
-        if not (images_path.exists() and meta_path.exists()):
-            images_path.parent.mkdir(parents=True, exist_ok=True)
-            where = f"{self.root} ({self.layout.name} layout), {part}"
-            build_cache(self.layout.read(self.root, part, self.image_size), self.image_size, images_path,
-                        meta_path, where)
-        with np.load(meta_path, allow_pickle=False) as meta:
-            names, sizes, hashes = meta["names"].tolist(), meta["sizes"], meta["hashes"]
-        array = np.load(images_path, mmap_mode="c")  # copy-on-write pages, shared until written
-        flat = torch.from_numpy(array).permute(0, 3, 1, 2)
-        return FewShotDataset(flat, names, torch.from_numpy(sizes), scale=False), hashes
+        images_path.parent.mkdir(parents=True, exist_ok=True)
+        with locked(images_path):  # one process builds, the others (DDP ranks, a second run) wait for it
+            if not (images_path.exists() and meta_path.exists()):
+                where = f"{self.root} ({self.layout.name} layout), {part}"
+                build_cache(self.layout.read(self.root, part, self.image_size), self.image_size, images_path,
+                            meta_path, where)
+        return load_cache(images_path, meta_path)
 
     def _load_all(self) -> None:
         hashes = {}
@@ -257,10 +209,12 @@ class ImageSetSource(FewShotSource):
             self._parts[part] = data
         for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
             common = np.intersect1d(hashes[a], hashes[b])
-            if len(common):
+            if len(common) and self.duplicates == "warn":
+                warnings.warn(f"{self.root}: {len(common)} images of {a} are also in {b}", stacklevel=2)
+            elif len(common):
                 raise DataError(
                     f"{self.root} ({self.layout.name} layout): {len(common)} images of {a} are also in {b}; "
-                    "the parts must not share images"
+                    "the parts must not share images (task_args {\"duplicates\": \"warn\"} lets them)"
                 )
 
     def dataset(self, part: str) -> FewShotDataset:
@@ -280,4 +234,5 @@ class ImageSetSource(FewShotSource):
     def report(self) -> dict[str, Any]:
         """:meth:`FewShotSource.report`, with the folder, its layout and where the cache is."""
         return {**super().report(), "root": str(self.root), "layout": self.layout.name,
-                "layout_files": self.layout.files, "cache": str(self._cache("train")[0].parent)}
+                "layout_files": self.layout.files, "options": self.layout.key(),
+                "cache": str(self._cache("train")[0].parent)}

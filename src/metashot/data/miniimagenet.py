@@ -101,17 +101,17 @@ class CategorySplitLayout(Layout):
 
 class CsvLayout(Layout):
     name = "csv"
-    files = "images/ with {train,val,test}.csv of filename,label"
+    files = "images/ with {train,val,test}.csv of filename,label (beside it or in split/, as FEAT's)"
 
     def sources(self, root: Path, part: str) -> list[Path]:
-        return [root / f"{part}.csv"]
-
-    def found(self, root: Path) -> bool:
-        return (root / "images").is_dir() and super().found(root)
+        csv_path = root / f"{part}.csv"
+        if not csv_path.exists() and (root / "split" / f"{part}.csv").exists():
+            csv_path = root / "split" / f"{part}.csv"
+        return [csv_path, root / "images"]  # the images too, so that a changed one builds a new cache
 
     def read(self, root: Path, part: str, image_size: int) -> Part:
-        (path,) = self.sources(root, part)
-        with open(path, newline="") as f:
+        path, _ = self.sources(root, part)
+        with open(path, newline="", encoding="utf-8-sig") as f:  # the BOM a spreadsheet may write
             rows = list(csv.reader(f))
         if not rows or [c.strip() for c in rows[0]] != ["filename", "label"]:
             found = rows[0] if rows else "nothing"
