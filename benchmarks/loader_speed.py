@@ -33,9 +33,16 @@ repeats), one JSON line each:
 - ``machine``, before and after: two processes' throughput over one's on a pure-Python loop, what two
   workers can gain here at most (2.0: two free cores; less when the cores are shared or busy).
 
+``metashot.process.keep_freed_memory()``, which ``metashot train`` sets, is a process-wide, irreversible
+glibc setting (freed memory kept for the next allocation instead of unmapped, so an episode's buffers do not
+fault their pages in again), so every repeat runs two fresh processes, one with the default allocator
+and one with it (``malloc``: default, keep; their order alternates), each making every measurement. The
+headline ratio pairs metashot as ``metashot train`` runs it (keep) with the peer's way as it runs
+(default), repeat by repeat; the ratios at one setting follow.
+
 Goal: metashot 3x the peer's way or more at the same workers, and the loader never the bottleneck of a
-Conv4 ProtoNet step (a share of a few percent at most). Torch runs ``--threads`` threads in this process;
-DataLoader workers run one each. The default run takes about 2 minutes on 2 cores.
+Conv4 ProtoNet step (a share of a few percent at most). Torch runs ``--threads`` threads in each
+measuring process; DataLoader workers run one each. The default run takes about 3 minutes on 2 cores.
 
     OMP_NUM_THREADS=1 python benchmarks/loader_speed.py
     OMP_NUM_THREADS=1 python benchmarks/loader_speed.py --episodes 4 --repeats 1 --steps 1  # a check
@@ -52,6 +59,7 @@ import random
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -69,6 +77,7 @@ from metashot.config import Config
 from metashot.data.miniimagenet import MEAN, STD
 from metashot.data.tasks import build_source
 from metashot.methods.protonet import ProtoNet
+from metashot.process import keep_freed_memory
 
 CLASSES = {"train": 64, "val": 16, "test": 20}
 SIZE, PADDING, JITTER = 84, 8, 0.4
@@ -252,35 +261,81 @@ def parallel_speedup() -> float:
     return 2 * alone / both
 
 
+# -- the children: one repeat under one allocator setting ------------------------------------------
+
+def run_child(a: argparse.Namespace) -> None:
+    """Every measurement once (the order alternating between repeats), in this fresh process."""
+    torch.set_num_threads(a.threads)
+    if a.malloc == "keep" and not keep_freed_memory():
+        raise SystemExit("keep_freed_memory() did not take (not glibc?)")
+    root = Path(a.root)
+    runs = sections(root)
+    for name in list(runs) if a.repeat % 2 == 0 else list(reversed(runs)):
+        seconds = runs[name](a.episodes, a.warmup, a.repeat)
+        emit({"name": name, "episodes_per_s": a.episodes / seconds})
+    source = metashot_source(root, "crop-jitter-flip", 0)
+    episode = next(iter(source.loader("train", 1, seed=0))).to("cpu")
+    emit({"name": "step", "s_per_step": run_step(episode, a.steps, 1) / a.steps})
+
+
+def child(a: argparse.Namespace, root: Path, malloc: str, repeat: int) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--child", "--root", str(root), "--malloc", malloc, "--repeat",
+           str(repeat), "--episodes", str(a.episodes), "--warmup", str(a.warmup), "--steps", str(a.steps),
+           "--threads", str(a.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"the {malloc} child of repeat {repeat} failed ({proc.returncode})")
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {r["name"]: r.get("episodes_per_s", r.get("s_per_step")) for r in rows}
+
+
 # -- the report -------------------------------------------------------------------------------------
 
 def emit(row: dict[str, Any]) -> None:
     print(json.dumps(row), flush=True)
 
 
-def report(rates: dict[str, list[float]], step_s: list[float], a: argparse.Namespace) -> None:
-    """One line per measurement (median episodes/s over the repeats), then the shares and the ratios."""
-    med = {name: statistics.median(r) for name, r in rates.items()}
+Runs = dict[str, list[dict[str, float]]]  # per allocator setting, each repeat's results by name
+
+
+def report(runs: Runs, a: argparse.Namespace) -> None:
+    """One line per measurement and allocator setting (median over the repeats), then the step's."""
     common = {"episode": f"{WAYS}w{SHOTS}s{QUERIES}q", "threads": a.threads, "episodes": a.episodes,
               "repeats": a.repeats}
-    for name, r in rates.items():
-        emit({"bench": name.split()[0], "name": name, **common, "episodes_per_s": round(med[name], 2),
-              "ms_per_episode": round(1e3 / med[name], 3),
-              "share_of_gather": round(med[name] / med["gather"], 4),
-              "episodes_per_s_all": [round(x, 2) for x in r]})
-    step = statistics.median(step_s)
-    emit({"bench": "step", "name": "protonet conv4 step", **common, "steps": a.steps,
-          "ms_per_episode": round(1e3 * step, 1), "episodes_per_s": round(1 / step, 3),
-          "s_all": [round(s, 3) for s in step_s]})
-    for name in [n for n in rates if n.startswith(("metashot workers", "peer"))]:
-        loader = 1 / med[name]
-        emit({"bench": "share", "name": name, "loader_ms": round(1e3 * loader, 3),
-              "step_ms": round(1e3 * step, 1),
-              "loader_share_of_loader_plus_step": round(loader / (loader + step), 4)})
+    for name in [n for n in runs["default"][0] if n != "step"]:
+        for malloc, rs in runs.items():
+            rate, ceiling = (statistics.median(r[key] for r in rs) for key in (name, "gather"))
+            emit({"bench": name.split()[0], "name": name, "malloc": malloc, **common,
+                  "episodes_per_s": round(rate, 2), "ms_per_episode": round(1e3 / rate, 3),
+                  "share_of_gather": round(rate / ceiling, 4),
+                  "episodes_per_s_all": [round(r[name], 2) for r in rs]})
+    for malloc, rs in runs.items():
+        emit({"bench": "step", "name": "protonet conv4 step", "malloc": malloc, **common, "steps": a.steps,
+              "ms_per_episode": round(1e3 * statistics.median(r["step"] for r in rs), 1),
+              "s_all": [round(r["step"], 3) for r in rs]})
+
+
+def report_shares(runs: Runs) -> None:
+    """The loader's share of (loader + step) per episode, the step at the same allocator setting."""
+    for malloc, rs in runs.items():
+        step = statistics.median(r["step"] for r in rs)
+        for name in [n for n in rs[0] if n.startswith(("metashot workers", "peer"))]:
+            loader = 1 / statistics.median(r[name] for r in rs)
+            emit({"bench": "share", "name": name, "malloc": malloc, "loader_ms": round(1e3 * loader, 3),
+                  "step_ms": round(1e3 * step, 1),
+                  "loader_share_of_loader_plus_step": round(loader / (loader + step), 4)})
+
+
+def report_ratios(runs: Runs) -> None:
+    """metashot over the peer's way at the same workers, the median of the per-repeat ratios: metashot as
+    ``metashot train`` runs it (keep) over the peers as they run (default), then at one setting each."""
     for workers in WORKERS:
-        mine, theirs = rates[f"metashot workers={workers}"], rates[f"peer workers={workers}"]
-        emit({"bench": "ratio", "workers": workers, "metashot_over_peer":
-              round(statistics.median(m / p for m, p in zip(mine, theirs, strict=True)), 2), "goal": 3.0})
+        mine, theirs = f"metashot workers={workers}", f"peer workers={workers}"
+        for m_mine, m_theirs in (("keep", "default"), ("default", "default"), ("keep", "keep")):
+            ratios = [x[mine] / y[theirs] for x, y in zip(runs[m_mine], runs[m_theirs], strict=True)]
+            emit({"bench": "ratio", "workers": workers, "metashot_malloc": m_mine, "peer_malloc": m_theirs,
+                  "metashot_over_peer": round(statistics.median(ratios), 2), "goal": 3.0})
 
 
 def main() -> None:
@@ -288,29 +343,34 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=100, help="timed episodes per loader measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed episodes before each loader measurement")
     p.add_argument("--repeats", type=int, default=3, help="repeats of every measurement (medians reported)")
-    p.add_argument("--steps", type=int, default=3, help="timed ProtoNet steps per repeat (after one untimed)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of this process")
+    p.add_argument("--steps", type=int, default=2, help="timed ProtoNet steps per repeat (after one untimed)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each measuring process")
     p.add_argument("--per-class", type=int, default=60, help="generated images per class")
+    # a child's own arguments
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--root", help=argparse.SUPPRESS)
+    p.add_argument("--malloc", default="default", help=argparse.SUPPRESS)
+    p.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
+    if a.child:
+        run_child(a)
+        return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the temporary folder goes
     root = Path(tempfile.mkdtemp(prefix="metashot-bench-loader-"))
     try:
         start = time.perf_counter()
         nbytes = write_cache_layout(root, a.per_class)
-        runs = sections(root)
+        metashot_source(root, "none", 0).dataset("train")  # builds the cache, once
         emit({"bench": "data", "images_bytes": nbytes, "per_class": a.per_class, "classes": CLASSES,
               "setup_s": round(time.perf_counter() - start, 1)})
         emit({"bench": "machine", "when": "before", "two_process_speedup": round(parallel_speedup(), 2)})
-        rates: dict[str, list[float]] = {name: [] for name in runs}
-        step_s = []
-        source = metashot_source(root, "crop-jitter-flip", 0)
-        episode = next(iter(source.loader("train", 1, seed=0))).to("cpu")
+        runs: Runs = {"default": [], "keep": []}
         for r in range(a.repeats):
-            for name in list(runs) if r % 2 == 0 else list(reversed(runs)):
-                rates[name].append(a.episodes / runs[name](a.episodes, a.warmup, r))
-            step_s.append(run_step(episode, a.steps, 1) / a.steps)
-        report(rates, step_s, a)
+            for malloc in list(runs) if r % 2 == 0 else list(reversed(runs)):
+                runs[malloc].append(child(a, root, malloc, r))
+        report(runs, a)
+        report_shares(runs)
+        report_ratios(runs)
         emit({"bench": "machine", "when": "after", "two_process_speedup": round(parallel_speedup(), 2)})
     finally:
         shutil.rmtree(root, ignore_errors=True)
