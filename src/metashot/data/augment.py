@@ -192,16 +192,19 @@ class Augment:
             raise ValueError(f"augment {self.kind!r} has nothing to apply; expected one of {AUGMENTS[1:]}")
         if images.shape[1] not in (1, 3):
             raise ConfigError(f"augment {self.kind!r} jitters 1- or 3-channel images, not {images.shape[1]}")
-        if self.kind == "crop-jitter-flip":
-            images = pad_crop(images, params["crop"], self.padding).float().div(255)
-        else:
-            images = resized_crop(images.float().div(255), params["crop"])
-        images = color_jitter(images, params["jitter"], params["order"])
         flip = params["flip"].to(images.device)[:, None, None, None]
-        return torch.where(flip, images.flip(-1), images)
+        # flipped before the jitter, which does not depend on where a pixel is: the same images, and the
+        # crop-jitter-flip flip moves uint8 pixels, not floats
+        if self.kind == "crop-jitter-flip":
+            images = pad_crop(images, params["crop"], self.padding)
+            images = torch.where(flip, images.flip(-1), images).float().div_(255)
+        else:
+            images = resized_crop(images.float().div_(255), params["crop"])
+            images = torch.where(flip, images.flip(-1), images)
+        return color_jitter(images, params["jitter"], params["order"])
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """Float images [..., C, H, W] less ``mean``, over ``std`` (torchvision's Normalize)."""
+        """Float images [..., C, H, W] less ``mean``, over ``std`` (torchvision's Normalize), in place."""
         if self.mean is None or self.std is None:
             return images
         if len(self.mean) != images.shape[-3]:
@@ -209,7 +212,7 @@ class Augment:
                               f"{images.shape[-3]} channels")
         mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device)[:, None, None]
         std = torch.tensor(self.std, dtype=images.dtype, device=images.device)[:, None, None]
-        return (images - mean) / std
+        return images.sub_(mean).div_(std)  # in place: its callers pass images of their own
 
     def __call__(self, images: torch.Tensor, episodes: torch.Tensor, seed: int, train: bool) -> torch.Tensor:
         """images: uint8 [B, M, C, H, W] on any device (M = the episode's support + query images);
@@ -221,7 +224,7 @@ class Augment:
         if episodes.shape != images.shape[:1]:
             raise ValueError(f"{list(episodes.shape)} episode indices for {images.shape[0]} episodes")
         if not train or self.kind == "none":
-            return self.normalise(images.float().div(255))
+            return self.normalise(images.float().div_(255))
         b, m, c, h, w = images.shape
         params = draw(self.kind, episodes, m, h, w, seed, self.padding, self.jitter)
         return self.normalise(self.apply(images.flatten(0, 1), params)).view(b, m, c, h, w)
