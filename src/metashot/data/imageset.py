@@ -99,9 +99,13 @@ class _Indexed(Dataset):
         return item.episode, self.data[item]
 
 
-def _collate(items: list[tuple[int, Episode]], augment: Augment, seed: int, train: bool) -> RawEpisodes:
+def _collate(
+    items: list[tuple[int, Episode]], augment: Augment, seed: int, train: bool, finish: bool
+) -> RawEpisodes | Episode:
+    """The batch of ``items``; with ``finish``, already made ready on the CPU (in the loader's worker)."""
     episode = Episode.collate([e for _, e in items])
-    return RawEpisodes(episode, torch.tensor([i for i, _ in items]), augment, seed, train)
+    raw = RawEpisodes(episode, torch.tensor([i for i, _ in items]), augment, seed, train)
+    return raw.to("cpu") if finish else raw
 
 
 class ImageSetSource(FewShotSource):
@@ -227,7 +231,9 @@ class ImageSetSource(FewShotSource):
     ) -> Iterable[Any]:
         sampler = self.sampler(part, episodes, seed=seed, start=start, rank=rank, world_size=world_size)
         pin = self.pin_memory if self.pin_memory is not None else self.cfg.device.startswith("cuda")
-        collate = partial(_collate, augment=self.augment, seed=seed, train=part == "train")
+        # on the CPU the loader's workers augment too; on an accelerator the device does it, after the copy
+        finish = self.workers > 0 and torch.device(self.cfg.device).type == "cpu"
+        collate = partial(_collate, augment=self.augment, seed=seed, train=part == "train", finish=finish)
         return episode_loader(_Indexed(self.dataset(part)), sampler, self.cfg.meta_batch, world_size,
                               self.workers, bool(pin), collate)
 
