@@ -20,7 +20,7 @@ from metashot.data.imageset import Part
 from metashot.data.miniimagenet import CacheLayout, MiniImageNetSource
 from metashot.errors import DataError
 from tests.data.test_pickles import _RunsCode
-from tests.layouts import cli_error, copy_without_cache, reads
+from tests.layouts import cli_error, copy_without_cache, reads, write_each
 from tests.layouts.mini import WNIDS, Written, write_cache, write_category_split, write_csv, write_folders
 
 WRITERS: dict[str, Callable[[Path], Written]] = {
@@ -41,21 +41,11 @@ def _user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def copies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Written]]:
     """A folder of each layout, with what it holds."""
-    out = {}
-    for name, write in WRITERS.items():
-        root = tmp_path_factory.mktemp(name)
-        out[name] = (root, write(root))
-    return out
+    return write_each(tmp_path_factory, WRITERS)
 
 
 def _source(root: Path, **task_args: object) -> MiniImageNetSource:
     return MiniImageNetSource(Config(task="miniimagenet", data_dir=str(root), task_args=task_args))
-
-
-
-
-
-
 
 
 @pytest.mark.parametrize("layout", WRITERS)

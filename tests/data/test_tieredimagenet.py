@@ -16,7 +16,7 @@ from metashot.config import Config
 from metashot.data import tasks, tieredimagenet
 from metashot.data.pickles import load_pickle
 from metashot.data.tieredimagenet import TieredImageNetSource, npz_images
-from tests.layouts import cli_error, copy_without_cache, reads
+from tests.layouts import cli_error, copy_without_cache, reads, write_each
 from tests.layouts.mini import Written, py2_pickle
 from tests.layouts.tiered import SPLIT, WNIDS, blocks, png, write_npz, write_png_pkl
 
@@ -33,21 +33,11 @@ def _registered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def copies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Written]]:
     """A folder of each layout, with what it holds."""
-    out = {}
-    for name, write in WRITERS.items():
-        root = tmp_path_factory.mktemp(name)
-        out[name] = (root, write(root))
-    return out
+    return write_each(tmp_path_factory, WRITERS)
 
 
 def _source(root: Path, **task_args: object) -> TieredImageNetSource:
     return TieredImageNetSource(Config(task="tieredimagenet", data_dir=str(root), task_args=task_args))
-
-
-
-
-
-
 
 
 @pytest.mark.parametrize("layout", WRITERS)

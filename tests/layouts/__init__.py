@@ -14,6 +14,11 @@ from metashot import cli
 Written = dict[str, dict[str, np.ndarray]]  # per part, each class's name and images [n, H, W, C]
 
 
+def write_each(factory: pytest.TempPathFactory, writers: dict[str, Any]) -> dict[str, tuple[Path, Written]]:
+    """A folder of each layout ``writers`` writes (by name), with what it holds."""
+    return {name: (root, write(root)) for name, write in writers.items() for root in [factory.mktemp(name)]}
+
+
 def reads(source: Any, written: Written) -> None:
     """``source`` holds ``written``: the class names in order, their sizes and every pixel."""
     for part, classes in written.items():
