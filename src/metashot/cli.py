@@ -313,37 +313,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from metashot.data.sources import FewShotSource
-    from metashot.data.tasks import build_source
+    from metashot.data.report import check_folder, report_text
 
-    cfg = Config(task=args.task, task_args=args.task_args, data_dir=str(args.data_dir)).validate()
-    try:
-        source = build_source(cfg)
-        if not isinstance(source, FewShotSource):
-            raise ConfigError(f"--task {args.task} reads no dataset folder")
-        report = source.report()
-    except MetashotError:
-        raise
-    except ValueError as e:
-        raise ConfigError(f"{args.task}: {e}") from None
-    print(json.dumps(report) if args.json else _data_text(report))
+    report = check_folder(args.task, args.task_args, args.data_dir)
+    print(json.dumps(report) if args.json else report_text(report))
     return 0
-
-
-def _data_text(report: dict[str, Any]) -> str:
-    lines = [f"{report['task']} in {report['root']}" + (
-        f": {report['layout']} layout ({report['layout_files']})" if "layout" in report else "")]
-    lines.append("  images " + " x ".join(map(str, report["image_shape"])) + (
-        f", cached in {report['cache']}" if "cache" in report else ""))
-    if report.get("options"):
-        lines.append("  read with " + ", ".join(f"{k} {v}" for k, v in report["options"].items()))
-    for part, p in report["parts"].items():
-        low, high = p["images_per_class"]
-        each = f"{low}" if low == high else f"{low} to {high}"
-        lines.append(f"  {part:5} {p['classes']:5} classes {p['images']:8} images ({each} per class)")
-    if "layout" in report:
-        lines.append("no problem found: the split's class counts, no image in two parts")
-    return "\n".join(lines)
 
 
 COMMANDS = {"train": _train_command, "evaluate": _evaluate, "data": _data, "presets": _presets,
