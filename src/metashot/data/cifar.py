@@ -28,8 +28,7 @@ import numpy as np
 
 from metashot.data.download import fetch
 from metashot.data.images import read_images
-from metashot.data.imageset import ImageSetSource, Layout, Part
-from metashot.data.miniimagenet import check_array, check_keys
+from metashot.data.imageset import ImageSetSource, Layout, Part, check_array, check_keys
 from metashot.data.pickles import load_pickle
 from metashot.data.splits import CIFAR100_FINE, CIFAR100_SUPERCLASS, CIFAR_FS, FC100_SUPERCLASSES
 from metashot.errors import DataError

@@ -38,6 +38,22 @@ from metashot.errors import DataError
 DUPLICATES = ("error", "warn")  # what an image found in two parts is
 
 
+def check_array(x: Any, path: Path, key: str, size: int = 84) -> np.ndarray:
+    """``x`` if it is uint8 [N, size, size, 3], else a DataError naming ``path`` and ``key``."""
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (size, size, 3):
+        got = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
+        raise DataError(f"{path}: {key!r} is {got}, expected uint8 (N, {size}, {size}, 3)")
+    return x
+
+
+def check_keys(obj: Any, path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """``obj`` if it is a dict with ``keys``, else a DataError naming what is missing."""
+    if not isinstance(obj, dict) or not all(k in obj for k in keys):
+        found = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+        raise DataError(f"{path}: expected a dict with keys {list(keys)}, found {found}")
+    return obj
+
+
 class Layout(ABC):
     """One arrangement of a dataset's files: how to find it in a folder and read its parts."""
 

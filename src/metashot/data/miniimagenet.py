@@ -20,29 +20,13 @@ from typing import Any
 import numpy as np
 
 from metashot.data.images import IMAGE_SUFFIXES, read_images
-from metashot.data.imageset import ImageSetSource, Layout, Part
+from metashot.data.imageset import ImageSetSource, Layout, Part, check_array, check_keys
 from metashot.data.pickles import load_pickle
 from metashot.errors import DataError
 
 # miniImageNet's pixel statistics (MetaOptNet, RFS, LibFewShot), in [0, 1] units
 MEAN = (120.39586422 / 255, 115.59361427 / 255, 104.54012653 / 255)
 STD = (70.68188272 / 255, 68.27635443 / 255, 72.54505529 / 255)
-
-
-def check_array(x: Any, path: Path, key: str, size: int = 84) -> np.ndarray:
-    """``x`` if it is uint8 [N, size, size, 3], else a DataError naming ``path`` and ``key``."""
-    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (size, size, 3):
-        got = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
-        raise DataError(f"{path}: {key!r} is {got}, expected uint8 (N, {size}, {size}, 3)")
-    return x
-
-
-def check_keys(obj: Any, path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
-    """``obj`` if it is a dict with ``keys``, else a DataError naming what is missing."""
-    if not isinstance(obj, dict) or not all(k in obj for k in keys):
-        found = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
-        raise DataError(f"{path}: expected a dict with keys {list(keys)}, found {found}")
-    return obj
 
 
 def from_labels(images: np.ndarray, labels: Any, path: Path) -> Part:

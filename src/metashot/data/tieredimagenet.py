@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 from PIL import UnidentifiedImageError
 
-from metashot.data.imageset import ImageSetSource, Layout, Part
-from metashot.data.miniimagenet import MEAN, STD, check_array
+from metashot.data.imageset import ImageSetSource, Layout, Part, check_array
+from metashot.data.miniimagenet import MEAN, STD
 from metashot.data.pickles import load_pickle
 from metashot.errors import DataError
 from metashot.io import open_image
