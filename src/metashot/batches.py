@@ -15,13 +15,16 @@ class TaskInfo:
 
     input_shape: one example's shape, e.g. (1, 28, 28); ways: classes per task at train and test
     time (a classifier head's width; 1 for regression); train_ways: ways in training episodes;
-    regression: targets are real values (``ways`` of them per example), not class labels.
+    regression: targets are real values (``ways`` of them per example), not class labels;
+    train_classes: the classes of the training part, the width of a classifier pretrained on all of
+    them (0 when the source does not say).
     """
 
     input_shape: tuple[int, ...]
     ways: int
     train_ways: int
     regression: bool = False
+    train_classes: int = 0
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,30 @@ class SequenceTaskInfo(TaskInfo):
     label_groups: int = 1
     label_values: int = 0
     steps: int = 0
+
+
+BATCH_KINDS = ("episodes", "sequences", "examples")
+"""What a method trains or is tested on: :class:`Episode` batches, :class:`SequenceBatch` es, or
+:class:`Examples` (plain labelled minibatches over every class of the training part)."""
+
+
+@dataclass
+class Examples:
+    """A minibatch of labelled examples, for supervised pretraining on every training class.
+
+    x: [B, C, H, W] float images; y: [B] class labels in 0..train_classes-1; index: [B] each example's
+    position in its seeded stream (which, with the seed, fixes its augmentation).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Examples:
+        return type(self)(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
 
 
 @dataclass

@@ -20,7 +20,7 @@ from metashot.errors import ConfigError
 # an older config.json still loads; any other missing field is an error.
 ADDED_FIELDS: dict[str, Any] = {
     "schedule": "step", "warmup": 0, "lr_min": 0.0, "optimizer": "adam", "optimizer_args": {},
-    "weight_decay": 0.0, "split_seed": None, "backbone": None, "backbone_args": {},
+    "weight_decay": 0.0, "split_seed": None, "backbone": None, "backbone_args": {}, "batch_size": 64,
 }
 SCHEDULES = ("step", "cosine", "constant")
 OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}
@@ -72,6 +72,8 @@ class Config:
     train_shots: int | None = option(None, "support examples per class in training; default: --shots")
     train_queries: int | None = option(None, "queries per class in training; default: --queries")
     meta_batch: int = option(1, "episodes per optimizer step, over all processes")
+    batch_size: int = option(64, "examples per optimizer step, over all processes, for methods "
+                             "trained on plain labelled examples (baseline, rfs, simpleshot)")
     steps: int = option(20_000, "training length in optimizer steps: one episode each for protonet "
                         "and matching, one meta-batch of --meta-batch episodes for maml, mann and lstm",
                         aliases=("--max-episodes",))
@@ -109,6 +111,11 @@ class Config:
         """The seed of the split of classes: ``split_seed``, else ``seed``."""
         return self.seed if self.split_seed is None else self.split_seed
 
+    def per_step(self, kind: str) -> int:
+        """The items of one optimizer step for a method trained on ``kind`` batches (of
+        :data:`metashot.batches.BATCH_KINDS`): ``batch_size`` examples, else ``meta_batch`` episodes."""
+        return self.batch_size if kind == "examples" else self.meta_batch
+
     def replace(self, **changes: Any) -> Config:
         """The fields ``changes`` set as given (:meth:`override` applies them as the command line does)."""
         return dataclasses.replace(self, **changes)
@@ -143,7 +150,7 @@ class Config:
         check_args("task_args", self.task, self.task_args, task_arg_types(self.task))
         at_least = {
             "ways": 1, "shots": 1, "queries": 0, "train_ways": 1, "train_shots": 1, "train_queries": 0,
-            "meta_batch": 1, "steps": 1, "lr_step": 1, "val_every": 1, "val_episodes": 1,
+            "meta_batch": 1, "batch_size": 1, "steps": 1, "lr_step": 1, "val_every": 1, "val_episodes": 1,
             "test_episodes": 1, "seed": 0, "split_seed": 0, "warmup": 0,
         }
         for name, low in at_least.items():

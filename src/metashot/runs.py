@@ -289,11 +289,11 @@ class RunFolder:
         """The task source of ``cfg`` (checked against the data) and the method on ``cfg.device`` with the
         weights of ``checkpoint`` (else ``last.pt``)."""
         from metashot.data.tasks import checked_source
-        from metashot.methods import build_method
+        from metashot.methods import build_method, method_class
 
         check_device(cfg.device)
         source = checked_source(cfg)
-        method = build_method(cfg, source.info).to(cfg.device)
+        method = build_method(cfg, source.task_info(method_class(cfg).train_batches)).to(cfg.device)
         path = self.checkpoint_path(checkpoint)
         load_weights(method, load_checkpoint(path, cfg.device)["method"], path, self.config_path)
         return source, method
@@ -342,7 +342,8 @@ def evaluate_run(
     if episodes is not None:
         cfg = cfg.replace(test_episodes=episodes)
     source, method = folder.method(cfg.validate(), checkpoint)
-    result = evaluate(method, source.loader("test", cfg.test_episodes, seed=cfg.seed), cfg.device, progress)
+    batches = source.loader("test", cfg.test_episodes, seed=cfg.seed, kind=type(method).test_batches)
+    result = evaluate(method, batches, cfg.device, progress)
     folder.write_result(result, f"result-{cfg.ways}w{cfg.shots}s.json" if changes else "result.json")
     return result
 

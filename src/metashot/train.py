@@ -24,7 +24,7 @@ from metashot.data.tasks import TaskSource, checked_source
 from metashot.distributed import RunningStats, World
 from metashot.errors import ConfigError, NonFiniteError
 from metashot.evaluate import Result, evaluate
-from metashot.methods import build_method
+from metashot.methods import build_method, method_class
 from metashot.methods.base import Method
 from metashot.process import Interrupted, StopSignals
 from metashot.progress import Progress
@@ -57,13 +57,14 @@ class Trainer:
         self.resume = resume
         check_device(cfg.device)
         self.world = world or World.from_env(cfg.device)
-        self.world.check_shares(cfg.meta_batch, cfg.val_episodes, cfg.test_episodes)
+        kind = method_class(cfg).train_batches
+        self.world.check_shares(cfg.per_step(kind), cfg.val_episodes, cfg.test_episodes)
         self.folder.writer = self.world.writer
         self.show_progress = progress and self.world.writer
         self.device = self.world.device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.source = source or self.world.first(lambda: checked_source(cfg))
-        self.method = build_method(cfg, self.source.info).to(self.device)
+        self.method = build_method(cfg, self.source.task_info(kind)).to(self.device)
         self.running_stats = RunningStats(self.method, self.world)
         self.optimizer = cfg.make_optimizer(self.method.parameters())
         self.scheduler = cfg.make_scheduler(self.optimizer)
@@ -75,7 +76,8 @@ class Trainer:
         self.logger = loggers.Loggers([])
 
     def _evaluate(self, part: str, episodes: int) -> Result:
-        loader = self.source.loader(part, episodes, seed=self.cfg.seed, **self.world.shard)
+        loader = self.source.loader(part, episodes, seed=self.cfg.seed, kind=type(self.method).test_batches,
+                                    **self.world.shard)
         return evaluate(self.method, loader, self.device, self.show_progress and part == "test",
                         gather=self.world.gather_episodes)
 
@@ -149,8 +151,10 @@ class Trainer:
         c, p = self.cfg, self.progress
         if p.step > 0 and (not p.rows or p.rows[-1]["step"] != p.step) and self._due():
             self._checkpoint(validate=True)  # a signal cut this step's validation short
+        kind = type(self.method).train_batches
+        per_step = c.per_step(kind)
         batches = () if self.finished else self.source.loader(
-            "train", c.steps * c.meta_batch, seed=c.seed, start=p.step * c.meta_batch, **self.world.shard)
+            "train", c.steps * per_step, seed=c.seed, start=p.step * per_step, kind=kind, **self.world.shard)
         t0 = time.perf_counter() - p.elapsed
         self.signals.in_step = True
         with tqdm(total=c.steps, initial=p.step, desc=f"train {c.method}", unit="step",
@@ -217,7 +221,7 @@ class Trainer:
             self.signals.in_step = True
             self.method.train()
             loss, metric = p.averages(self.world)
-            p.add_row({"step": p.step, "episodes": p.step * self.cfg.meta_batch, "minutes": p.elapsed / 60,
+            p.add_row({"step": p.step, "episodes": p.step * self.cfg.per_step(type(self.method).train_batches), "minutes": p.elapsed / 60,
                        "lr": self.scheduler.get_last_lr()[0], "train_loss": loss, "train_metric": metric,
                        "val_metric": val.mean, "val_ci95": val.ci})
             if p.improves(val.mean, type(self.method).maximize):

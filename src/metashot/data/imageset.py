@@ -243,8 +243,10 @@ class ImageSetSource(FewShotSource):
         return self._parts[part]
 
     def loader(
-        self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1
+        self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1,
+        kind: str | None = None,
     ) -> Iterable[Any]:
+        kind = self.check_kind(kind)
         sampler = self.sampler(part, episodes, seed=seed, start=start, rank=rank, world_size=world_size)
         pin = self.pin_memory if self.pin_memory is not None else self.cfg.device.startswith("cuda")
         # on the CPU the loader's workers augment too; on an accelerator the device does it, after the copy

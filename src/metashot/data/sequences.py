@@ -193,6 +193,7 @@ class OmniglotSequenceSource(OmniglotSource):
     """
 
     default_image_size = 20
+    kinds = ("sequences",)
 
     @staticmethod
     def shape(cfg: Config) -> str:
@@ -220,8 +221,10 @@ class OmniglotSequenceSource(OmniglotSource):
         )
 
     def loader(
-        self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1
+        self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1,
+        kind: str | None = None,
     ) -> Iterable[Any]:
+        kind = self.check_kind(kind)
         train = part == "train"
         return sequence_loader(
             self.dataset(part), self.classes, self.instances, episodes, self.cfg.meta_batch,

@@ -154,8 +154,10 @@ class SinusoidSource(TaskSource):
         return f"K={cfg.train_shots} in training, K={cfg.shots} at test"
 
     def loader(
-        self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1
+        self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1,
+        kind: str | None = None,
     ) -> Iterable[Any]:
+        kind = self.check_kind(kind)
         c = self.cfg
         train = part == "train"
         return sinusoid_loader(

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from metashot.batches import TaskInfo
 from metashot.config import Config
+from metashot.errors import ConfigError
 from metashot.data.fewshot import FewShotDataset, episode_loader
 from metashot.data.sampling import EpisodeSampler
 
@@ -21,6 +22,11 @@ PARTS = ("train", "val", "test")
 
 
 class TaskSource(ABC):
+    """``kinds``: the kinds of batch (:data:`~metashot.batches.BATCH_KINDS`) the source serves, the first
+    its default."""
+
+    kinds: ClassVar[tuple[str, ...]] = ("episodes",)
+
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
 
@@ -28,11 +34,29 @@ class TaskSource(ABC):
     @abstractmethod
     def info(self) -> TaskInfo: ...
 
+    def task_info(self, kind: str | None = None) -> TaskInfo:
+        """What a method trained or tested on ``kind`` batches knows of the tasks (default: :attr:`info`)."""
+        self.check_kind(kind)
+        return self.info
+
+    def check_kind(self, kind: str | None) -> str:
+        """``kind``, or the source's default kind for None; a :class:`ConfigError` when the source does not
+        serve ``kind`` batches."""
+        if kind is None:
+            return self.kinds[0]
+        if kind not in self.kinds:
+            raise ConfigError(f"--task {self.cfg.task} serves {' and '.join(self.kinds)}, not {kind}; "
+                              "pick a task that serves what the method trains on")
+        return kind
+
     @abstractmethod
     def loader(
-        self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1
+        self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1,
+        kind: str | None = None,
     ) -> Iterable[Any]:
         """Batches of tasks from ``part`` ("train", "val" or "test"); episode ``i`` fixed by ``seed``.
+        ``kind`` is one of :attr:`kinds` (None: the first); for "examples", ``episodes`` and ``start``
+        count examples and the batches are :class:`~metashot.batches.Examples` of ``cfg.batch_size``.
 
         ``episodes`` and ``start`` count the episodes of all processes; process ``rank`` of
         ``world_size`` draws ``range(start + rank, episodes, world_size)`` in batches of
@@ -82,7 +106,9 @@ class FewShotSource(TaskSource):
         return data.sampler(ways=ways, shots=shots, queries=queries, episodes=episodes, **stream)
 
     def loader(
-        self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1
+        self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1,
+        kind: str | None = None,
     ) -> Iterable[Any]:
+        kind = self.check_kind(kind)
         sampler = self.sampler(part, episodes, seed=seed, start=start, rank=rank, world_size=world_size)
         return episode_loader(self.dataset(part), sampler, self.cfg.meta_batch, world_size)

@@ -20,12 +20,18 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
+def method_class(cfg: Config) -> type[Method]:
+    """The class of the config's method, else a :class:`ConfigError` listing the known ones."""
+    if cfg.method not in METHODS:
+        raise ConfigError(f"unknown method {cfg.method!r}; known: {', '.join(sorted(METHODS))}")
+    return METHODS[cfg.method]
+
+
 def build_method(cfg: Config, info: TaskInfo) -> Method:
     """The config's method built for tasks ``info`` with its ``method_args``, on the config's backbone
     (built with ``backbone_args``; null: the method's own)."""
     name, args = cfg.method, cfg.method_args
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+    method_class(cfg)
     try:
         return METHODS[name].build(info, backbone=cfg.backbone, backbone_args=cfg.backbone_args, **args)
     except TypeError as e:
@@ -51,6 +57,7 @@ __all__ = [
     "RBFKernel",
     "TaskInfo",
     "build_method",
+    "method_class",
     "class_log_probs",
 ]
 

@@ -21,6 +21,9 @@ class Method(nn.Module, ABC):
     """
 
     metric: ClassVar[str] = "acc"
+    # the kinds of batch (metashot.batches.BATCH_KINDS) the task source serves it to train and to test on
+    train_batches: ClassVar[str] = "episodes"
+    test_batches: ClassVar[str] = "episodes"
     maximize: ClassVar[bool] = True
     default_backbone: ClassVar[str | None] = None  # the paper's network, a name in metashot.nn.BACKBONES
 

@@ -58,6 +58,8 @@ class MANN(Method):
     [B, T, G], instance [B, T]).
     """
 
+    train_batches = test_batches = "sequences"
+
     default_backbone: ClassVar[str | None] = None  # raw pixels, as in the paper
     chunk: ClassVar[int] = 10  # steps per call of the recurrence (one compiled graph)
 
