@@ -221,7 +221,8 @@ class Trainer:
             self.signals.in_step = True
             self.method.train()
             loss, metric = p.averages(self.world)
-            p.add_row({"step": p.step, "episodes": p.step * self.cfg.per_step(type(self.method).train_batches), "minutes": p.elapsed / 60,
+            per_step = self.cfg.per_step(type(self.method).train_batches)
+            p.add_row({"step": p.step, "episodes": p.step * per_step, "minutes": p.elapsed / 60,
                        "lr": self.scheduler.get_last_lr()[0], "train_loss": loss, "train_metric": metric,
                        "val_metric": val.mean, "val_ci95": val.ci})
             if p.improves(val.mean, type(self.method).maximize):

@@ -14,9 +14,9 @@ from typing import Any, ClassVar
 
 from metashot.batches import TaskInfo
 from metashot.config import Config
-from metashot.errors import ConfigError
 from metashot.data.fewshot import FewShotDataset, episode_loader
 from metashot.data.sampling import EpisodeSampler
+from metashot.errors import ConfigError
 
 PARTS = ("train", "val", "test")
 
