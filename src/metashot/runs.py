@@ -107,6 +107,8 @@ def mismatch(module: nn.Module, weights: Any) -> str | None:
 def load_weights(module: nn.Module, weights: Any, path: Path, cfg_path: Path | None = None) -> None:
     """``module.load_state_dict(weights)``, else a :class:`CheckpointError` naming the checkpoint
     ``path`` (and the config ``cfg_path`` the network was built from) and the first keys that do not fit."""
+    if isinstance(weights, dict) and hasattr(module, "upgrade_weights"):
+        weights = module.upgrade_weights(weights)
     problem = mismatch(module, weights)
     if problem is not None:
         built = f"the network of {cfg_path}" if cfg_path is not None else "the network"

@@ -58,6 +58,11 @@ class Method(nn.Module, ABC):
     def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Scalar training loss and per-task metrics, each of shape [B]."""
 
+    @classmethod
+    def upgrade_weights(cls, weights: dict[str, Any]) -> dict[str, Any]:
+        """Weights of this method saved by an older metashot, renamed to today's keys (default: as given)."""
+        return weights
+
     def on_step(self, step: int) -> None:
         """Called by the trainer before training step ``step`` (0-based, counting optimizer steps), for
         schedules that live inside a method (MAML++'s annealing). Default: nothing."""

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metashot.batches import Episode
-from metashot.methods.base import Method
+from metashot.methods.heads import Head, HeadMethod
 
 
 class Kernel(Protocol):
@@ -35,45 +34,35 @@ def class_log_probs(log_weights: torch.Tensor, support_labels: torch.Tensor, way
     return masked.logsumexp(dim=2)
 
 
-class KernelMethod(Method):
-    """Embed support and query in one pass of ``encoder``, then apply the kernel rule.
+class KernelHead(Head):
+    """The kernel rule as a head: log P(y = n | x, S) = logsumexp_{i: y_i = n} log k(x, x_i)."""
 
-    encoder: [M, *input_shape] -> [M, D]; kernel: see :class:`Kernel`. The loss is the negative log
-    of the rule's probability of the true label. Images and convolution weights are kept channels-last,
-    the layout the CPU and GPU convolution kernels run fastest in.
-    """
-
-    def __init__(self, encoder: nn.Module, kernel: nn.Module) -> None:
+    def __init__(self, kernel: nn.Module) -> None:
         super().__init__()
-        self.encoder = encoder.to(memory_format=torch.channels_last)
         self.kernel = kernel
 
-    def embed(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
-        """Support [B, S, D] and query [B, Q, D] embeddings, one encoder call per episode, so that batch
-        norm's statistics are each episode's own whatever the batch (and however it is split over
-        processes)."""
-        s = episode.support.shape[1]
-        z = []
-        for x in torch.cat([episode.support, episode.query], dim=1):
-            if x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            z.append(self.encoder(x).flatten(1))
-        z = torch.stack(z)
-        return z[:, :s], z[:, s:]
+    def forward(
+        self, query: torch.Tensor, support: torch.Tensor, support_labels: torch.Tensor, ways: int
+    ) -> torch.Tensor:
+        return class_log_probs(self.kernel(query, support, support_labels, ways), support_labels, ways)
 
-    def log_probs(self, episode: Episode) -> torch.Tensor:
-        """log P(y = n | x, S) for every query: [B, Q, N]."""
-        support, query = self.embed(episode)
-        ways = episode.ways
-        log_w = self.kernel(query, support, episode.support_labels, ways)
-        return class_log_probs(log_w, episode.support_labels, ways)
 
-    def loss(self, episode: Episode) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        log_p = self.log_probs(episode)
-        nll = F.nll_loss(log_p.flatten(0, 1), episode.query_labels.flatten(), reduction="none")
-        nll = nll.view_as(episode.query_labels).mean(dim=1)  # [B]
-        acc = (log_p.argmax(-1) == episode.query_labels).float().mean(dim=1)
-        return nll.mean(), {"loss": nll.detach(), "acc": acc}
+class KernelMethod(HeadMethod):
+    """Embed support and query in one pass of ``encoder``, then apply the kernel rule with ``kernel``
+    (see :class:`Kernel`): a :class:`~metashot.methods.heads.HeadMethod` whose head is a
+    :class:`KernelHead`."""
+
+    def __init__(self, encoder: nn.Module, kernel: nn.Module) -> None:
+        super().__init__(encoder, KernelHead(kernel))
+
+    @property
+    def kernel(self) -> nn.Module:
+        return self.head.kernel
+
+    @classmethod
+    def upgrade_weights(cls, weights: dict[str, Any]) -> dict[str, Any]:
+        """Weights saved before the kernel became a head held it at ``kernel.``, now ``head.kernel.``."""
+        return {("head." + k if k.startswith("kernel.") else k): v for k, v in weights.items()}
 
 
 class RBFKernel(nn.Module):
