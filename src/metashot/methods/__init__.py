@@ -1,15 +1,20 @@
 """Meta-learning methods, each in its own file, all meeting :class:`~metashot.methods.base.Method`."""
 
+from typing import Any
+
+from torch import nn
+
 from metashot.batches import TaskInfo
 from metashot.config import Config
 from metashot.errors import ConfigError
 from metashot.methods import kernel
 from metashot.methods.base import Method
+from metashot.methods.heads import CL2N, Head, HeadMethod
 from metashot.methods.kernel import KernelMethod, RBFKernel, class_log_probs
 from metashot.methods.maml import MAML, MAMLRegression
 from metashot.methods.mann import MANN, LSTMBaseline
 from metashot.methods.matching import MatchingKernel, MatchingNetwork
-from metashot.methods.protonet import ProtoNet, PrototypeKernel
+from metashot.methods.protonet import ProtoNet, PrototypeHead, PrototypeKernel
 
 METHODS: dict[str, type[Method]] = {
     "protonet": ProtoNet,
@@ -18,6 +23,22 @@ METHODS: dict[str, type[Method]] = {
     "mann": MANN,
     "lstm": LSTMBaseline,
 }
+
+HEADS: dict[str, type[nn.Module]] = {
+    "prototype": PrototypeHead,
+    "cl2n": CL2N,
+}
+
+
+def build_head(name: str, **args: Any) -> nn.Module:
+    """The head ``name`` of :data:`HEADS` with ``args``, else a :class:`ConfigError` naming the known ones
+    or the argument that does not fit."""
+    if name not in HEADS:
+        raise ConfigError(f"unknown head {name!r}; known: {', '.join(sorted(HEADS))}")
+    try:
+        return HEADS[name](**args)
+    except TypeError as e:
+        raise ConfigError(f"head args {args} do not fit {name}: {e}") from None
 
 
 def method_class(cfg: Config) -> type[Method]:
@@ -43,6 +64,12 @@ def build_method(cfg: Config, info: TaskInfo) -> Method:
 
 
 __all__ = [
+    "CL2N",
+    "HEADS",
+    "Head",
+    "HeadMethod",
+    "PrototypeHead",
+    "build_head",
     "LSTMBaseline",
     "MANN",
     "METHODS",
