@@ -9,12 +9,16 @@ from metashot.config import Config
 from metashot.errors import ConfigError
 from metashot.methods import kernel
 from metashot.methods.base import Method
+from metashot.methods.baseline import Baseline
 from metashot.methods.heads import CL2N, Head, HeadMethod
 from metashot.methods.kernel import KernelMethod, RBFKernel, class_log_probs
 from metashot.methods.maml import MAML, MAMLRegression
 from metashot.methods.mann import MANN, LSTMBaseline
 from metashot.methods.matching import MatchingKernel, MatchingNetwork
+from metashot.methods.metabaseline import MetaBaseline
 from metashot.methods.protonet import ProtoNet, PrototypeHead, PrototypeKernel
+from metashot.methods.rfs import RFS
+from metashot.methods.simpleshot import SimpleShot
 
 METHODS: dict[str, type[Method]] = {
     "protonet": ProtoNet,
@@ -22,6 +26,10 @@ METHODS: dict[str, type[Method]] = {
     "maml": MAML,
     "mann": MANN,
     "lstm": LSTMBaseline,
+    "baseline": Baseline,
+    "rfs": RFS,
+    "simpleshot": SimpleShot,
+    "meta-baseline": MetaBaseline,
 }
 
 HEADS: dict[str, type[nn.Module]] = {
@@ -64,6 +72,10 @@ def build_method(cfg: Config, info: TaskInfo) -> Method:
 
 
 __all__ = [
+    "Baseline",
+    "MetaBaseline",
+    "RFS",
+    "SimpleShot",
     "CL2N",
     "HEADS",
     "Head",
