@@ -69,7 +69,7 @@ def _error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
     (["--set", "lr"], "--set lr: expected KEY=JSON"),
     (["--set", 'ways="five"'], '--set: ways must be an integer, got "five"'),
     (["--set", "method_args=5"], "--set: method_args must be a JSON object, got 5"),
-    (["--set", "schedule=sometimes"], "schedule must be one of step, cosine, constant, got 'sometimes'"),
+    (["--set", "schedule=sometimes"], "schedule must be one of step, multistep, cosine, constant, got 'sometimes'"),
     (["--set", 'method_args={"bogus": 1}'], "method_args: unknown key 'bogus' for maml; known: adapt_norm, "),
     (["--ways", "x"], "argument --ways: invalid int value: 'x'"),
 ])

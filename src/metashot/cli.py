@@ -74,7 +74,7 @@ def _config_options(p: argparse.ArgumentParser) -> None:
         kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
         kind = next(typing.get_origin(k) or k for k in kinds if k is not type(None))
         p.add_argument(option_name(f.name), *f.metadata["aliases"], dest=f.name,
-                       type=_json_object if kind is dict else kind, metavar="JSON" if kind is dict else None,
+                       type=_JSON.get(kind, kind), metavar="JSON" if kind in _JSON else None,
                        help=f.metadata["help"])
 
 
@@ -86,13 +86,24 @@ def _trust_code_option(p: argparse.ArgumentParser) -> None:
 
 
 def _json_object(text: str) -> dict[str, Any]:
+    return _json(text, dict, "a JSON object such as '{\"key\": 1}'")
+
+
+def _json_list(text: str) -> list[Any]:
+    return _json(text, list, "a JSON list such as '[100, 200]'")
+
+
+def _json(text: str, kind: type, example: str) -> Any:
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
         value = None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"key\": 1}}', got {text!r}")
+    if not isinstance(value, kind):
+        raise argparse.ArgumentTypeError(f"expected {example}, got {text!r}")
     return value
+
+
+_JSON: dict[type, Any] = {dict: _json_object, list: _json_list}
 
 
 def _evaluate_parser(sub: argparse._SubParsersAction) -> None:

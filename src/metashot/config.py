@@ -21,8 +21,9 @@ from metashot.errors import ConfigError
 ADDED_FIELDS: dict[str, Any] = {
     "schedule": "step", "warmup": 0, "lr_min": 0.0, "optimizer": "adam", "optimizer_args": {},
     "weight_decay": 0.0, "split_seed": None, "backbone": None, "backbone_args": {}, "batch_size": 64,
+    "lr_milestones": [],
 }
-SCHEDULES = ("step", "cosine", "constant")
+SCHEDULES = ("step", "multistep", "cosine", "constant")
 OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}
 
 
@@ -30,7 +31,7 @@ def option(default: Any, help: str, aliases: tuple[str, ...] = ()) -> Any:
     """A config field with a command-line option: ``--name`` (see :func:`option_name`), ``help`` its text,
     ``aliases`` other spellings the command line accepts (older names)."""
     metadata = {"help": help, "aliases": aliases}
-    if isinstance(default, dict):
+    if isinstance(default, (dict, list)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
@@ -46,6 +47,7 @@ class Config:
     ``optimizer`` is one of :data:`OPTIMIZERS`, built by torch with ``lr``, ``weight_decay`` and
     ``optimizer_args`` (e.g. ``{"momentum": 0.9, "nesterov": true}`` for SGD, ``{"alpha": 0.95}`` for
     RMSProp). ``schedule`` of the learning rate: "step" (times ``lr_gamma`` every ``lr_step`` steps),
+    "multistep" (times ``lr_gamma`` at each of ``lr_milestones``, counted from the end of warm-up),
     "cosine" (from ``lr`` to ``lr_min`` over the steps after warm-up) or "constant"; ``warmup`` steps of
     linear warm-up come first.
 
@@ -91,7 +93,9 @@ class Config:
     schedule: str = option("step", "learning-rate schedule: step, cosine or constant")
     warmup: int = option(0, "steps of linear learning-rate warm-up before the schedule")
     lr_step: int = option(2_000, "steps between the step schedule's decays")
-    lr_gamma: float = option(0.5, "the step schedule's factor")
+    lr_gamma: float = option(0.5, "the step and multistep schedules' factor")
+    lr_milestones: list[int] = option([], "the multistep schedule's steps, e.g. [36000, 48000]: times "
+                                      "--lr-gamma at each")
     lr_min: float = option(0.0, "the cosine schedule's final learning rate")
     val_every: int = option(500, "steps between validations and checkpoints")
     val_episodes: int = option(200, "validation episodes")
@@ -168,6 +172,10 @@ class Config:
                 raise ConfigError(f"{option_name(name)} must be a finite number >= 0, got {value}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.schedule == "multistep" and (not self.lr_milestones or any(
+                b <= a for a, b in zip([0, *self.lr_milestones], self.lr_milestones))):
+            raise ConfigError(f"the multistep schedule needs increasing positive --lr-milestones, got "
+                              f"{self.lr_milestones}")
         if self.schedule == "cosine" and self.lr_min >= self.lr:
             raise ConfigError(f"--lr-min ({self.lr_min:g}) must be below --lr ({self.lr:g}) to anneal to it")
         if self.optimizer not in OPTIMIZERS:
@@ -193,6 +201,8 @@ class Config:
         lr = torch.optim.lr_scheduler
         if self.schedule == "step":
             main: lr.LRScheduler = lr.StepLR(optimizer, self.lr_step, self.lr_gamma)
+        elif self.schedule == "multistep":
+            main = lr.MultiStepLR(optimizer, self.lr_milestones, self.lr_gamma)
         elif self.schedule == "cosine":
             main = lr.CosineAnnealingLR(optimizer, max(self.steps - self.warmup, 1), eta_min=self.lr_min)
         else:
