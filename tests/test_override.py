@@ -210,8 +210,9 @@ def test_a_registered_methods_arguments_are_read_from_its_signatures(monkeypatch
 @pytest.mark.parametrize(("task", "args", "message"), [
     ("sinusoid", {"amplitude": 1}, "task_args: unknown key 'amplitude' for sinusoid; known: none"),
     ("omniglot", {"image_size": "28"}, 'task_args: image_size of omniglot must be an integer, got "28"'),
-    ("omniglot", {"labels": "string"}, "task_args: unknown key 'labels' for omniglot; known: image_size, "
-                                       "rotations, split, val_characters"),
+    ("omniglot", {"augment": "none"}, "task_args: unknown key 'augment' for omniglot; known: classes, "
+                                      "image_size, instances, labels, max_rotation, max_shift, rotations, "
+                                      "split, val_characters"),
     ("folder", {"fractions": [0.5, "x"]}, 'task_args: fractions of folder must be a list, got [0.5, "x"]'),
     ("omniglot-sequences", {"instances": 10.0}, "task_args: instances of omniglot-sequences must be an "
                                                 "integer, got 10.0"),
@@ -232,7 +233,8 @@ def folder(tmp_path: Path) -> Path:
 
 
 SAMPLES: dict[str, dict[str, Any]] = {
-    "omniglot": {"split": "official", "image_size": 20, "rotations": False, "val_characters": 100},
+    "omniglot": {"split": "official", "image_size": 20, "rotations": False, "val_characters": 100,
+                 "classes": 4, "instances": 3, "labels": "onehot", "max_rotation": 0.0, "max_shift": 3.0},
     "omniglot-sequences": {"split": "official", "image_size": 28, "rotations": False, "val_characters": 100,
                            "classes": 3, "instances": 4, "labels": "string", "max_rotation": 5.0,
                            "max_shift": 1.0},
@@ -279,8 +281,9 @@ def test_each_task_sources_declared_arguments_are_the_ones_it_takes(task: str, f
     elif task == "folder":
         assert source.small_classes == "drop" and source.dataset("test").image_shape == (1, 6, 6)
         assert [source._split[p].num_classes for p in ("train", "val", "test")] == [5, 3, 2]
-    else:
-        assert all(getattr(source, k) == v for k, v in sample.items())
+    else:  # the Omniglot sources keep their sequence episodes' arguments in source.sequences
+        taken = vars(source) | (vars(source.sequences) if hasattr(source, "sequences") else {})
+        assert all(taken[k] == v for k, v in sample.items())
 
 
 def test_a_saved_maml_run_config_still_loads(tmp_path: Path) -> None:

@@ -25,22 +25,21 @@ ARRAYS = (list, tuple, Sequence)
 
 
 class OmniglotArgs(TypedDict, total=False):
-    """task_args of "omniglot" (:class:`metashot.data.omniglot.OmniglotSource`)."""
+    """task_args of "omniglot" (:class:`metashot.data.omniglot.OmniglotSource`), with those of its
+    sequence episodes (classes .. max_shift, :class:`metashot.data.sequences.SequenceTask`)."""
 
     split: str
     image_size: int
     rotations: bool
     val_characters: int
-
-
-class SequenceArgs(OmniglotArgs, total=False):
-    """task_args of "omniglot-sequences" (:class:`metashot.data.sequences.OmniglotSequenceSource`)."""
-
     classes: int
     instances: int
     labels: str
     max_rotation: float
     max_shift: float
+
+
+SequenceArgs = OmniglotArgs  # "omniglot-sequences" (OmniglotSequenceSource) takes those of "omniglot"
 
 
 class FolderArgs(TypedDict, total=False):

@@ -67,8 +67,14 @@ class World:
         """This process's share of a loader's episodes: ``source.loader(..., **world.shard)``."""
         return {"rank": self.rank, "world_size": self.size}
 
-    def check_shares(self, meta_batch: int, val_episodes: int, test_episodes: int) -> None:
-        """Every process needs an equal share of each meta-batch and an evaluation episode at least."""
+    def check_shares(
+        self, meta_batch: int, val_episodes: int, test_episodes: int, kind: str = "episodes"
+    ) -> None:
+        """Every process needs an equal share of each meta-batch (of each batch of examples, for a method
+        trained on ``kind`` "examples") and an evaluation episode at least."""
+        if kind == "examples" and meta_batch % self.size:
+            raise ConfigError(f"--batch-size {meta_batch} does not split evenly over {self.size} processes: "
+                              f"pass a multiple of {self.size} (the global number of examples per step)")
         if meta_batch % self.size:
             raise ConfigError(
                 f"--meta-batch {meta_batch} does not split evenly over {self.size} processes: pass a "

@@ -61,6 +61,11 @@ class FewShotDataset(Dataset):
         return self.layout.sizes
 
     @property
+    def labels(self) -> torch.Tensor:
+        """The class of each image of ``flat``, [images] in 0..classes-1."""
+        return torch.arange(self.num_classes).repeat_interleave(self.class_sizes)
+
+    @property
     def num_classes(self) -> int:
         return len(self.class_sizes)
 

@@ -6,7 +6,7 @@ detects the layout, reads each part once into a decode-once cache beside the dat
 uint8 [images, H, W, C] class after class in a ``.npy`` that every process and loader worker
 memory-maps, with the class names and one hash per image beside it. The parts' class counts and images
 are checked before any training. Batches leave the loader as uint8 and are scaled, augmented and
-normalised as batched tensors on the device they are moved to (:class:`RawEpisodes`).
+normalised as batched tensors on the device they are moved to (:mod:`~metashot.data.rawbatches`).
 """
 
 from __future__ import annotations
@@ -16,22 +16,20 @@ import json
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from metashot.batches import Episode
 from metashot.config import Config
 from metashot.data.augment import AUGMENTS, Augment
 from metashot.data.download import cache_path
+from metashot.data.examples import ExampleSet, example_loader
 from metashot.data.fewshot import FewShotDataset, episode_loader
 from metashot.data.imagecache import Part, build_cache, fingerprint, load_cache, locked
-from metashot.data.sampling import EpisodeIndex
+from metashot.data.rawbatches import IndexedEpisodes, collate_episodes, collate_examples
 from metashot.data.sources import PARTS, FewShotSource
 from metashot.errors import DataError
 
@@ -78,59 +76,13 @@ class Layout(ABC):
         return {}
 
 
-@dataclass
-class RawEpisodes:
-    """A batch of episodes of uint8 images that :meth:`to` moves to a device and there scales, augments
-    (``train`` only) and normalises: ``index`` [B] holds each episode's index in its stream, which with
-    ``seed`` fixes its augmentation."""
-
-    episode: Episode
-    index: torch.Tensor
-    augment: Augment
-    seed: int
-    train: bool
-
-    def to(self, device: torch.device | str) -> Episode:
-        e = self.episode.to(device)
-        shots = e.support.shape[1]
-        x = self.augment(torch.cat([e.support, e.query], 1), self.index, self.seed, self.train)
-        return replace(e, support=x[:, :shots], query=x[:, shots:])
-
-    def pin_memory(self) -> RawEpisodes:
-        e = self.episode
-        pinned = {name: getattr(e, name).pin_memory() for name in Episode.TENSORS}
-        return replace(self, episode=replace(e, **pinned))
-
-    def __len__(self) -> int:
-        return self.index.shape[0]
-
-
-class _Indexed(Dataset):
-    """A :class:`FewShotDataset`'s episodes with their index in the stream."""
-
-    def __init__(self, data: FewShotDataset) -> None:
-        self.data = data
-
-    def __getitem__(self, item: EpisodeIndex) -> tuple[int, Episode]:
-        return item.episode, self.data[item]
-
-
-def _collate(
-    items: list[tuple[int, Episode]], augment: Augment, seed: int, train: bool, finish: bool
-) -> RawEpisodes | Episode:
-    """The batch of ``items``; with ``finish``, already made ready on the CPU (in the loader's worker)."""
-    episode = Episode.collate([e for _, e in items])
-    raw = RawEpisodes(episode, torch.tensor([i for i, _ in items]), augment, seed, train)
-    return raw.to("cpu") if finish else raw
-
-
 class ImageSetSource(FewShotSource):
     """A natural-image benchmark in ``data_dir``, in any of ``layouts`` (detected, or task_args' layout).
 
     task_args: layout ("auto" or a layout's name), image_size (the dataset's), augment (one of
-    :data:`~metashot.data.augment.AUGMENTS`, training episodes only), normalize (true: the dataset's
-    mean and std), workers (DataLoader worker processes, 0), pin_memory (null: when the device is CUDA),
-    duplicates ("error", or "warn": an image found in two parts); a subclass adds its own in
+    :data:`~metashot.data.augment.AUGMENTS`, training episodes and examples only), normalize (true: the
+    dataset's mean and std), workers (DataLoader worker processes, 0), pin_memory (null: when the device is
+    CUDA), duplicates ("error", or "warn": an image found in two parts); a subclass adds its own in
     :meth:`_parse`.
     """
 
@@ -242,18 +194,29 @@ class ImageSetSource(FewShotSource):
             self._load_all()
         return self._parts[part]
 
-    def loader(
-        self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1,
-        kind: str | None = None,
-    ) -> Iterable[Any]:
-        kind = self.check_kind(kind)
-        sampler = self.sampler(part, episodes, seed=seed, start=start, rank=rank, world_size=world_size)
-        pin = self.pin_memory if self.pin_memory is not None else self.cfg.device.startswith("cuda")
-        # on the CPU the loader's workers augment too; on an accelerator the device does it, after the copy
-        finish = self.workers > 0 and torch.device(self.cfg.device).type == "cpu"
-        collate = partial(_collate, augment=self.augment, seed=seed, train=part == "train", finish=finish)
-        return episode_loader(_Indexed(self.dataset(part)), sampler, self.cfg.meta_batch, world_size,
-                              self.workers, bool(pin), collate)
+    @property
+    def _pin(self) -> bool:
+        return bool(self.pin_memory if self.pin_memory is not None else self.cfg.device.startswith("cuda"))
+
+    @property
+    def _finish(self) -> bool:
+        """Whether the loader's workers augment: on the CPU they do; an accelerator does, after the copy."""
+        return self.workers > 0 and torch.device(self.cfg.device).type == "cpu"
+
+    def episode_batches(self, part: str, episodes: int, **stream: int) -> Iterable[Any]:
+        sampler = self.sampler(part, episodes, **stream)
+        collate = partial(collate_episodes, augment=self.augment, seed=stream["seed"], train=part == "train",
+                          finish=self._finish)
+        return episode_loader(IndexedEpisodes(self.dataset(part)), sampler, self.cfg.meta_batch,
+                              stream["world_size"], self.workers, self._pin, collate)
+
+    def example_batches(self, part: str, examples: int, **stream: int) -> Iterable[Any]:
+        sampler = self.example_sampler(part, examples, **stream)
+        data = ExampleSet(self.dataset(part))
+        collate = partial(collate_examples, data=data, augment=self.augment, seed=stream["seed"],
+                          finish=self._finish)
+        return example_loader(data, sampler, self.cfg.batch_size, stream["world_size"], self.workers,
+                              self._pin, collate)
 
     def report(self) -> dict[str, Any]:
         """:meth:`FewShotSource.report`, with the folder, its layout and where the cache is."""

@@ -13,6 +13,7 @@ import os
 import re
 import warnings
 import zipfile
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -23,9 +24,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from metashot.batches import SequenceTaskInfo, TaskInfo
 from metashot.config import Config
 from metashot.data.download import cache_path, default_root, digest, fetch, user_cache_dir
 from metashot.data.fewshot import FewShotDataset
+from metashot.data.sequences import SequenceTask
 from metashot.data.sources import FewShotSource
 from metashot.errors import DataError
 from metashot.io import atomic_write
@@ -248,9 +251,12 @@ def _build_cache(zips: list[Path], size: int, cache: Path) -> None:
 
 
 class OmniglotSource(FewShotSource):
-    """Omniglot; task_args: split ("random"), image_size (28), rotations (True), val_characters (172)."""
+    """Omniglot; task_args: split ("random"), image_size (28), rotations (True), val_characters (172),
+    and those of its sequence episodes (:class:`~metashot.data.sequences.SequenceTask`): classes,
+    instances, labels, max_rotation, max_shift."""
 
     default_image_size = 28
+    kinds = ("episodes", "examples", "sequences")
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
@@ -259,13 +265,10 @@ class OmniglotSource(FewShotSource):
         self.split = args.pop("split", "random")
         self.rotations = args.pop("rotations", True)
         self.val_characters = args.pop("val_characters", 172)
-        self._parse(args)
+        self.sequences = SequenceTask.pop(args, cfg.ways)
         if args:
             raise ValueError(f"unknown {cfg.task} task_args {sorted(args)}")
         self._parts: dict[str, FewShotDataset] = {}
-
-    def _parse(self, args: dict[str, Any]) -> None:
-        """Pop a subclass's own task_args."""
 
     @cached_property
     def omniglot(self) -> Omniglot:
@@ -277,3 +280,35 @@ class OmniglotSource(FewShotSource):
                 self.split, part, self.rotations, self.cfg.class_split_seed, self.val_characters
             )
         return self._parts[part]
+
+    def task_info(self, kind: str | None = None) -> TaskInfo:
+        if self.check_kind(kind) == "sequences":
+            return self.sequences.info((1, self.image_size, self.image_size))
+        return super().task_info(kind)
+
+    def loader(
+        self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1,
+        kind: str | None = None,
+    ) -> Iterable[Any]:
+        """:meth:`FewShotSource.loader`, and for "sequences" :class:`~metashot.batches.SequenceBatch` es
+        of ``meta_batch`` sequence episodes."""
+        if self.check_kind(kind) == "sequences":
+            return self.sequences.loader(self.dataset(part), part, episodes, self.cfg.meta_batch, seed=seed,
+                                         start=start, rank=rank, world_size=world_size)
+        return super().loader(part, episodes, seed, start, rank, world_size, kind)
+
+
+class OmniglotSequenceSource(OmniglotSource):
+    """Omniglot sequence episodes only, for MANN (Santoro et al. 2016), at 20 x 20 by default: "omniglot"
+    with ``kind="sequences"`` (its task_args, image_size 20 here)."""
+
+    default_image_size = 20
+    kinds = ("sequences",)
+
+    @staticmethod
+    def shape(cfg: Config) -> str:
+        return SequenceTask.shape(cfg)
+
+    @property
+    def info(self) -> SequenceTaskInfo:
+        return self.sequences.info((1, self.image_size, self.image_size))

@@ -120,11 +120,12 @@ class SeededSampler(Sampler[T], ABC):
         return len(self.indices())
 
 
-def rank_batch(meta_batch: int, world_size: int) -> int:
-    """The episodes per batch of each of ``world_size`` processes that together take ``meta_batch``."""
+def rank_batch(meta_batch: int, world_size: int, option: str = "--meta-batch") -> int:
+    """The items per batch of each of ``world_size`` processes that together take ``meta_batch``;
+    ``option`` names the setting in the error (``--batch-size`` for examples)."""
     if meta_batch % world_size:
         raise ValueError(
-            f"--meta-batch {meta_batch} does not split over {world_size} processes: "
+            f"{option} {meta_batch} does not split over {world_size} processes: "
             f"pass a multiple of {world_size}"
         )
     return meta_batch // world_size

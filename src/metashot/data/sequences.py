@@ -8,13 +8,14 @@ presentations of the step's class so far (1 at its first appearance). Training i
 small rotations and translations, applied to the whole batch with one ``affine_grid``/``grid_sample``.
 
 Episode ``i`` depends only on ``(seed, i)``, and processes shard the stream, as in
-:class:`~metashot.data.fewshot.SeededSampler`.
+:class:`~metashot.data.sampling.SeededSampler`. A source serves them through a :class:`SequenceTask` (the
+Omniglot sources of :mod:`metashot.data.omniglot` do).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,6 @@ from torch.utils.data import DataLoader, Dataset
 from metashot.batches import SequenceBatch, SequenceTaskInfo
 from metashot.config import Config
 from metashot.data.fewshot import FewShotDataset
-from metashot.data.omniglot import OmniglotSource
 from metashot.data.sampling import ClassLayout, SeededSampler, episode_generator, rank_batch
 
 LABEL_MODES = ("onehot", "string")
@@ -184,50 +184,62 @@ def sequence_loader(
                       generator=torch.Generator())  # off the global RNG, as episode_loader
 
 
-class OmniglotSequenceSource(OmniglotSource):
-    """Omniglot sequence episodes for MANN (Santoro et al. 2016), batches of ``cfg.meta_batch``.
+@dataclass(frozen=True)
+class SequenceTask:
+    """The sequence episodes a source serves, from its task_args: classes per episode (default: the
+    config's ways), instances of each (10), labels ("onehot" or "string"), and max_rotation (degrees, 15)
+    and max_shift (pixels, 2) of the training augmentation (0 turns it off; validation and test episodes
+    are never augmented)."""
 
-    task_args: those of "omniglot" (image_size 20 here), and classes (default ``cfg.ways``),
-    instances (10), labels ("onehot" or "string"), max_rotation (degrees, 15) and max_shift (pixels, 2)
-    of the training augmentation (0 turns it off; validation and test episodes are never augmented).
-    """
+    classes: int
+    instances: int
+    labels: str
+    max_rotation: float
+    max_shift: float
 
-    default_image_size = 20
-    kinds = ("sequences",)
+    def __post_init__(self) -> None:
+        if self.labels not in LABEL_MODES:
+            raise ValueError(f"labels must be one of {LABEL_MODES}, got {self.labels!r}")
+
+    @classmethod
+    def pop(cls, args: dict[str, Any], ways: int) -> SequenceTask:
+        """The sequence task_args taken out of ``args``."""
+        return cls(int(args.pop("classes", ways)), int(args.pop("instances", 10)),
+                   args.pop("labels", "onehot"), float(args.pop("max_rotation", 15.0)),
+                   float(args.pop("max_shift", 2.0)))
 
     @staticmethod
     def shape(cfg: Config) -> str:
+        """The episodes of ``cfg`` in words, without building its source."""
         a = cfg.task_args
         return (f"{a.get('classes', cfg.ways)} classes x {a.get('instances', 10)} instances, "
                 f"{a.get('labels', 'onehot')} labels")
 
-    def _parse(self, args: dict[str, Any]) -> None:
-        self.classes = int(args.pop("classes", self.cfg.ways))
-        self.instances = int(args.pop("instances", 10))
-        self.labels = args.pop("labels", "onehot")
-        self.max_rotation = float(args.pop("max_rotation", 15.0))
-        self.max_shift = float(args.pop("max_shift", 2.0))
-        if self.labels not in LABEL_MODES:
-            raise ValueError(f"labels must be one of {LABEL_MODES}, got {self.labels!r}")
-
-    @property
-    def info(self) -> SequenceTaskInfo:
+    def info(self, input_shape: tuple[int, ...]) -> SequenceTaskInfo:
+        """What a method learns of these episodes of images of ``input_shape``."""
         string = self.labels == "string"
         return SequenceTaskInfo(
-            (1, self.image_size, self.image_size), self.classes, self.classes,
+            input_shape, self.classes, self.classes,
             label_groups=STRING_LENGTH if string else 1,
             label_values=STRING_SYMBOLS if string else self.classes,
             steps=self.classes * self.instances,
         )
 
     def loader(
-        self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1,
-        kind: str | None = None,
-    ) -> Iterable[Any]:
-        kind = self.check_kind(kind)
-        train = part == "train"
-        return sequence_loader(
-            self.dataset(part), self.classes, self.instances, episodes, self.cfg.meta_batch,
-            self.labels, self.max_rotation if train else 0.0, self.max_shift if train else 0.0,
-            seed=seed, start=start, rank=rank, world_size=world_size,
-        )
+        self, data: FewShotDataset, part: str, episodes: int, batch_size: int, **stream: int
+    ) -> DataLoader:
+        """:func:`sequence_loader` of ``data``, ``part``'s classes (augmented for "train" only); ``stream``:
+        seed, start, rank and world_size."""
+        rotation, shift = (self.max_rotation, self.max_shift) if part == "train" else (0.0, 0.0)
+        return sequence_loader(data, self.classes, self.instances, episodes, batch_size, self.labels,
+                               rotation, shift, **stream)
+
+
+def __getattr__(name: str) -> Any:
+    # the Omniglot sources serve sequences with this module's loader, so the sequence-only source lives
+    # beside them; imported here when asked, under its old address
+    if name == "OmniglotSequenceSource":
+        from metashot.data.omniglot import OmniglotSequenceSource
+
+        return OmniglotSequenceSource
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from metashot.batches import TaskInfo
 from metashot.config import Config
+from metashot.data.examples import ExampleSampler, ExampleSet, example_loader
 from metashot.data.fewshot import FewShotDataset, episode_loader
 from metashot.data.sampling import EpisodeSampler
 from metashot.errors import ConfigError
@@ -58,10 +59,10 @@ class TaskSource(ABC):
         ``kind`` is one of :attr:`kinds` (None: the first); for "examples", ``episodes`` and ``start``
         count examples and the batches are :class:`~metashot.batches.Examples` of ``cfg.batch_size``.
 
-        ``episodes`` and ``start`` count the episodes of all processes; process ``rank`` of
+        ``episodes`` and ``start`` count the items of all processes; process ``rank`` of
         ``world_size`` draws ``range(start + rank, episodes, world_size)`` in batches of
-        ``cfg.meta_batch // world_size``, so that the processes' step s together is the one-process
-        step s (:class:`~metashot.data.fewshot.SeededSampler`). A ValueError when ``cfg.meta_batch``
+        ``cfg.per_step(kind) // world_size``, so that the processes' step s together is the one-process
+        step s (:class:`~metashot.data.sampling.SeededSampler`). A ValueError when ``cfg.per_step(kind)``
         does not split over ``world_size``.
         """
 
@@ -73,14 +74,19 @@ class TaskSource(ABC):
 
 
 class FewShotSource(TaskSource):
-    """N-way K-shot episodes from classes split into train / val / test ``FewShotDataset``s."""
+    """N-way K-shot episodes from classes split into train / val / test ``FewShotDataset``s, and the
+    train part's labelled examples (:mod:`~metashot.data.examples`) for a method trained on all its
+    classes."""
+
+    kinds = ("episodes", "examples")
 
     @abstractmethod
     def dataset(self, part: str) -> FewShotDataset: ...
 
     @property
     def info(self) -> TaskInfo:
-        return TaskInfo(self.dataset("test").image_shape, self.cfg.ways, self.cfg.train_ways)
+        return TaskInfo(self.dataset("test").image_shape, self.cfg.ways, self.cfg.train_ways,
+                        train_classes=self.dataset("train").num_classes)
 
     def report(self) -> dict[str, Any]:
         """What ``metashot data`` prints: each part's classes and images, and the image shape."""
@@ -105,10 +111,29 @@ class FewShotSource(TaskSource):
         data = self.dataset(part)
         return data.sampler(ways=ways, shots=shots, queries=queries, episodes=episodes, **stream)
 
+    def example_sampler(self, part: str, examples: int, **stream: int) -> ExampleSampler:
+        """The sampler of ``part``'s examples, which only the train part serves (a ValueError for another);
+        ``stream`` as in :meth:`sampler`."""
+        if part != "train":
+            raise ValueError(f"--task {self.cfg.task} serves batches of examples of its train part only, "
+                             f"not of {part}, which it serves as episodes")
+        return ExampleSampler(len(self.dataset(part)), examples, **stream)
+
     def loader(
         self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1,
         kind: str | None = None,
     ) -> Iterable[Any]:
-        kind = self.check_kind(kind)
-        sampler = self.sampler(part, episodes, seed=seed, start=start, rank=rank, world_size=world_size)
-        return episode_loader(self.dataset(part), sampler, self.cfg.meta_batch, world_size)
+        batches = self.example_batches if self.check_kind(kind) == "examples" else self.episode_batches
+        return batches(part, episodes, seed=seed, start=start, rank=rank, world_size=world_size)
+
+    def episode_batches(self, part: str, episodes: int, **stream: int) -> Iterable[Any]:
+        """:meth:`loader`'s batches of ``meta_batch`` episodes; ``stream`` as in :meth:`sampler`."""
+        sampler = self.sampler(part, episodes, **stream)
+        return episode_loader(self.dataset(part), sampler, self.cfg.meta_batch, stream["world_size"])
+
+    def example_batches(self, part: str, examples: int, **stream: int) -> Iterable[Any]:
+        """:meth:`loader`'s :class:`~metashot.batches.Examples` of ``batch_size`` examples of the train
+        part; ``stream`` as in :meth:`sampler`."""
+        sampler = self.example_sampler(part, examples, **stream)
+        data = ExampleSet(self.dataset(part))
+        return example_loader(data, sampler, self.cfg.batch_size, stream["world_size"])

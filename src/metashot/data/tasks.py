@@ -7,8 +7,7 @@ from metashot.data.cifar import CifarFSSource, FC100Source
 from metashot.data.cub import CubSource
 from metashot.data.folder import FolderSource
 from metashot.data.miniimagenet import MiniImageNetSource
-from metashot.data.omniglot import OmniglotSource
-from metashot.data.sequences import OmniglotSequenceSource
+from metashot.data.omniglot import OmniglotSequenceSource, OmniglotSource
 from metashot.data.sinusoid import SinusoidSource
 from metashot.data.sources import PARTS, FewShotSource, TaskSource
 from metashot.data.tieredimagenet import TieredImageNetSource
@@ -35,14 +34,17 @@ def build_source(cfg: Config) -> TaskSource:
     return TASKS[cfg.task](cfg)
 
 
-def checked_source(cfg: Config) -> TaskSource:
-    """:func:`build_source`, with every part's episode shape checked against the data: a problem is a
-    :class:`ConfigError` naming the task (and the part), raised before any work is done."""
+def checked_source(cfg: Config, kinds: tuple[str | None, str | None] = (None, None)) -> TaskSource:
+    """:func:`build_source`, with every part's batches checked against the data: the train part's of the
+    first of ``kinds`` (a method's ``train_batches``), val's and test's of the second (``test_batches``);
+    None is the source's default kind. A problem is a :class:`ConfigError` naming the task (and the
+    part), raised before any work is done."""
     try:
         source = build_source(cfg)
         for part in PARTS:
+            kind = source.check_kind(kinds[0] if part == "train" else kinds[1])
             try:
-                source.loader(part, cfg.meta_batch, seed=cfg.seed)
+                source.loader(part, cfg.per_step(kind), seed=cfg.seed, kind=kind)
             except MetashotError:
                 raise
             except ValueError as e:
