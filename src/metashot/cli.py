@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import signal
 import sys
 import threading
@@ -15,11 +14,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from metashot import presets
-from metashot.config import Config, check_types, field_types, option_name, options
+from metashot.cli_train import config_from_args as config_from_args  # the API of `metashot train`'s options
+from metashot.cli_train import seed_list, train, train_seeds
+from metashot.config import field_types, option_name, options
 from metashot.errors import ConfigError, MetashotError
 from metashot.evaluate import Result, SeedSummary
-from metashot.methods import METHODS
+from metashot.methods import HEADS, METHODS
 from metashot.process import StopSignals
+from metashot.stages import stage_folder
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,11 +45,17 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         "divide by the number of processes; the result is the single process's. With torchrun "
         "--max-restarts=K a failed group resumes from last.pt on its own.",
     )
-    p.add_argument("method", choices=sorted(METHODS), help="the method to train")
+    p.add_argument("method", nargs="?", choices=sorted(METHODS),
+                   help="the method to train; may be left out with --preset or --resume")
     p.add_argument("--preset", help="a named recipe (see `metashot presets`); default: the method's "
-                   "5-way 1-shot Omniglot preset")
+                   "5-way 1-shot Omniglot preset. A staged preset trains its stages in order into "
+                   "RUN_DIR/stage1, RUN_DIR/stage2, ...; the options apply to every stage, --max-minutes "
+                   "to them all (shared as the preset says), --resume goes on from the stage it stopped in")
+    p.add_argument("--stage", action="append", default=[], metavar="K:KEY=JSON",
+                   help="a config field of stage K of a staged preset only, as --set, after the options "
+                   "for every stage, e.g. --stage 2:steps=300 --stage 1:lr=0.1")
     _config_options(p)
-    p.add_argument("--seeds", type=_seed_list, metavar="S,S,...",
+    p.add_argument("--seeds", type=seed_list, metavar="S,S,...",
                    help="train one run per seed, one after another (into RUN_DIR/seedS with --run-dir), "
                    "then print the mean and spread over them")
     p.add_argument("--run-dir", type=Path, help="run folder; default: runs/PRESET-seedS")
@@ -110,7 +118,8 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
         help="evaluate a finished or interrupted run",
-        description="Evaluate RUN_DIR's best checkpoint (else its last) on the test classes.",
+        description="Evaluate RUN_DIR's best checkpoint (else its last) on the test classes; a staged "
+        "run's last stage.",
     )
     p.add_argument("run_dir", type=Path, help="the run folder")
     p.add_argument("--test-episodes", type=int, help="test episodes; default: the run's")
@@ -121,6 +130,10 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone", help="the run's own backbone factory (package.module:factory), allowed "
                    "to run as its config.json names it")
     _trust_code_option(p)
+    p.add_argument("--head", help="test the run's encoder with this head instead of its own, into "
+                   f"result-head-HEAD.json: {', '.join(sorted(HEADS))}")
+    p.add_argument("--head-args", type=_json_object, metavar="JSON", help="the head's arguments, e.g. "
+                   "'{\"distance\": \"cosine\"}'")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -148,7 +161,8 @@ def parser() -> argparse.ArgumentParser:
     _evaluate_parser(sub)
     _data_parser(sub)
     pp = sub.add_parser("presets", help="list the presets, or print one's config",
-                        description="List the presets; with NAME, print that preset's whole config as JSON.")
+                        description="List the presets; with NAME, print that preset's whole config as JSON "
+                        "(a staged preset's: the list of its stages' configs).")
     pp.add_argument("name", nargs="?", help="a preset to print")
     su = sub.add_parser("summarize", help="mean and spread over seeds of tested runs of one recipe",
                         description="Each run's test result and, per metric, the mean over the runs with "
@@ -175,65 +189,6 @@ def parser() -> argparse.ArgumentParser:
     pi.add_argument("--names", nargs="+", help="legend names, one per run (default: folder names)")
     pi.add_argument("--out", type=Path, default=Path("instances.png"), help="PNG to write")
     return p
-
-
-def _parse_set(item: str) -> tuple[str, Any]:
-    """``KEY=JSON`` of ``--set``: a known field and a value of its type (a bare word for a string field)."""
-    key, eq, text = item.partition("=")
-    hints = field_types()
-    if not eq or key not in hints:
-        raise ConfigError(f"--set {item}: expected KEY=JSON with KEY a config field ({', '.join(hints)})")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        if not _takes_string(hints[key]):
-            raise ConfigError(f"--set {item}: {text!r} is not JSON (numbers as 0.1, dicts as "
-                              f"'{{\"key\": 1}}', strings in double quotes)") from None
-        value = text
-    check_types({key: value}, "--set")
-    return key, value
-
-
-def _takes_string(kind: Any) -> bool:
-    return kind is str or str in getattr(kind, "__args__", ())
-
-
-def _changes(args: argparse.Namespace) -> dict[str, Any]:
-    """The config fields the command line sets explicitly (the last of an option given twice; a dict field
-    given by its option and by ``--set``s, those merged in order); :meth:`Config.override` applies them."""
-    changes: dict[str, Any] = {}
-    given = [(f.name, v) for f in options() if (v := getattr(args, f.name)) is not None]
-    for key, value in given + [_parse_set(item) for item in args.set]:
-        merge = isinstance(value, dict) and isinstance(changes.get(key), dict)
-        changes[key] = changes[key] | value if merge else value
-    if isinstance(changes.get("data_dir"), str):  # a run folder's config names its data wherever it is read
-        changes["data_dir"] = os.path.abspath(Path(changes["data_dir"]).expanduser())
-    return changes
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The preset (or, with ``--resume``, the run's saved config) with the options given applied."""
-    from metashot.runs import RunFolder, resume_config
-
-    if args.resume:
-        saved = RunFolder(_run_dir(args, None)).load_config(args.trust_code, args.backbone)
-        # the run's own preset is allowed: torchrun restarts a group with its first command line
-        if args.preset is not None and args.preset != saved.preset:
-            raise ConfigError(f"--resume continues the run's own recipe ({saved.preset}); drop --preset")
-        return resume_config(saved, saved.override(**_changes(args)).to_dict())
-    name = args.preset or presets.default_preset(args.method, args.task)
-    cfg = presets.get(name) if name else Config(method=args.method)
-    if cfg.method != args.method:
-        raise ConfigError(f"preset {name!r} is for {cfg.method}, not {args.method}")
-    return cfg.override(**_changes(args))
-
-
-def _run_dir(args: argparse.Namespace, cfg: Config | None) -> Path:
-    if args.run_dir is not None:
-        return args.run_dir
-    if cfg is None:
-        raise ConfigError("--resume needs --run-dir, the run folder to continue")
-    return Path("runs") / f"{cfg.preset or cfg.method}-seed{cfg.seed}"
 
 
 def _positive(args: argparse.Namespace, *names: str) -> None:
@@ -263,11 +218,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _presets(args: argparse.Namespace) -> int:
-    if args.name is not None:
+    if args.name is None:
+        print(presets.table())
+    elif presets.is_staged(args.name):
+        print(json.dumps([c.to_dict() for c in presets.stages(args.name).configs], indent=2))
+    else:
         print(json.dumps(presets.get(args.name).to_dict(), indent=2))
-        return 0
-    for name, cfg in sorted(presets.PRESETS.items()):
-        print(f"{name:38} {presets.describe(cfg)}")
     return 0
 
 
@@ -281,7 +237,7 @@ def _summarize(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from metashot.plot import plot_runs
 
-    plot_runs(args.run_dirs, args.out)
+    plot_runs([stage_folder(r) for r in args.run_dirs], args.out)
     print(args.out)
     return 0
 
@@ -289,7 +245,7 @@ def _plot(args: argparse.Namespace) -> int:
 def _plot_sinusoid(args: argparse.Namespace) -> int:
     from metashot.plot import plot_sinusoid
 
-    plot_sinusoid(args.run_dir, args.out, args.episode, args.shots, tuple(args.steps),
+    plot_sinusoid(stage_folder(args.run_dir), args.out, args.episode, args.shots, tuple(args.steps),
                   trust_code=args.trust_code)
     print(args.out)
     return 0
@@ -298,16 +254,18 @@ def _plot_sinusoid(args: argparse.Namespace) -> int:
 def _plot_instances(args: argparse.Namespace) -> int:
     from metashot.plot import instance_table, plot_instances
 
-    plot_instances(args.results, args.out, args.names)
-    print(instance_table(args.results, args.names))
+    results = [stage_folder(r) for r in args.results]
+    plot_instances(results, args.out, args.names)
+    print(instance_table(results, args.names))
     print(args.out)
     return 0
 
 
 def _train_command(args: argparse.Namespace) -> int:
     if args.seeds is not None:
-        return _train_seeds(args)
-    code, result = _train(args)
+        code, result = train_seeds(args)
+    else:
+        code, result, _ = train(args)
     if result is not None:
         _print(result, args.json)
     return code
@@ -318,8 +276,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     _positive(args, "test_episodes", "ways", "shots")
     result = evaluate_run(args.run_dir, args.test_episodes, args.checkpoint, args.device,
-                          not args.no_progress, args.ways, args.shots, args.trust_code, args.backbone)
-    _print(result, args.json)
+                          not args.no_progress, args.ways, args.shots, args.trust_code, args.backbone,
+                          args.head, args.head_args)
+    if args.head is None:
+        _print(result, args.json)
+    elif args.json:
+        print(json.dumps({**result.to_dict(), "head": args.head, "head_args": args.head_args or {}}))
+    else:
+        print(f"{result.table()}\n{result.summary()}, with the {args.head} head")
     return 0
 
 
@@ -343,64 +307,6 @@ def _run(args: argparse.Namespace) -> int:
 def _print(result: Result | SeedSummary, as_json: bool) -> None:
     """A test result or a summary over seeds: one JSON object, or its table and summary line."""
     print(result.to_json() if as_json else result.table() + "\n" + result.summary())
-
-
-def _train(args: argparse.Namespace) -> tuple[int, Result | None]:
-    """Train and test one run: the exit status, and the result where this process prints it."""
-    from metashot.process import keep_freed_memory
-    from metashot.runs import RunFolder
-    from metashot.train import Trainer
-
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and args.run_dir is not None:
-        # torchrun restarted the group after a failure: continue the run from its last checkpoint
-        args.resume = RunFolder(args.run_dir).exists()
-    if args.resume and args.run_dir is not None and RunFolder(args.run_dir).unstarted():
-        print(f"metashot: {args.run_dir} has no config.json (stopped before its first save); starting it "
-              "afresh with this command's config", file=sys.stderr)
-        args.resume = False
-    cfg = config_from_args(args)
-    trainer = Trainer(cfg, _run_dir(args, cfg), resume=args.resume, progress=not args.no_progress,
-                      log=args.log)
-    keep_freed_memory()
-    trainer.fit()
-    if not trainer.finished:
-        return 128 + (trainer.stopped_by or 0), None
-    result = trainer.test()
-    trainer.world.close()
-    return 0, result if trainer.world.writer else None
-
-
-def _train_seeds(args: argparse.Namespace) -> int:
-    """``--seeds``: one run per seed, one after another, then their summary."""
-    from metashot.runs import summarize_runs
-
-    if args.seed is not None:
-        raise ConfigError("give --seed or --seeds, not both")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("--seeds runs the seeds one after another in one process; under torchrun, "
-                          "start one run per --seed and `metashot summarize` their folders")
-    run_dirs = []
-    for seed in args.seeds:
-        run_dir = args.run_dir / f"seed{seed}" if args.run_dir is not None else None
-        one = argparse.Namespace(**{**vars(args), "seed": seed, "run_dir": run_dir})
-        code, result = _train(one)
-        if result is None:
-            return code
-        print(f"metashot: seed {seed}: {result.summary()}", file=sys.stderr, flush=True)
-        run_dirs.append(_run_dir(one, config_from_args(one)) if run_dir is None else run_dir)
-    summary = summarize_runs(run_dirs)
-    _print(summary, args.json)
-    return 0
-
-
-def _seed_list(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seeds separated by commas (0,1,2): {text!r}") from None
-    if len(set(seeds)) < len(seeds) or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"expected distinct seeds >= 0, got {text!r}")
-    return seeds
 
 
 if __name__ == "__main__":

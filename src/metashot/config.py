@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ ADDED_FIELDS: dict[str, Any] = {
 }
 SCHEDULES = ("step", "multistep", "cosine", "constant")
 OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}
+STAGE_MARKER = re.compile(r"stage:([1-9][0-9]*)")  # init_from "stage:K": stage K of the same staged recipe
 
 
 def option(default: Any, help: str, aliases: tuple[str, ...] = ()) -> Any:
@@ -57,6 +59,13 @@ class Config:
     method's own network, as in its paper). ``method_args`` and ``task_args`` take the keys and types
     of the method's and the task source's arguments (:mod:`metashot.arguments`).
 
+    ``init_from`` starts a new run from another run's weights: a run folder (its ``best.pt``, else
+    ``last.pt``) or a checkpoint file, saved as an absolute path; only the weights whose keys start with
+    ``init_prefix`` (e.g. ``"encoder."``; "": all) are loaded, into the same keys, and they must match
+    the new method's under that prefix one for one (:func:`metashot.init_from.init_weights`). A stage of
+    a staged preset names an earlier stage as ``"stage:K"`` (:mod:`metashot.stages`). A resume never
+    loads them: the run's own ``last.pt`` holds its weights.
+
     :meth:`override` changes a config as ``metashot train`` options change a preset; :meth:`replace`
     sets fields as given.
     """
@@ -84,6 +93,11 @@ class Config:
     backbone: str | None = option(None, "network: conv4, conv4-strided, resnet12, mlp or "
                                   "package.module:factory; default: the method's paper's")
     backbone_args: dict[str, Any] = option({}, "the backbone's arguments, e.g. {\"drop_rate\": 0.1}")
+    init_from: str | None = option(None, "start from another run's weights: its folder (best.pt, else "
+                                   "last.pt) or a checkpoint file; in a staged preset, stage:K is stage K's "
+                                   "folder; default: the method's own initialisation")
+    init_prefix: str = option("", "with --init-from, load only the weights whose keys start with this, such "
+                              "as encoder. (all: \"\"); they must match the new network's one for one")
     optimizer: str = option("adam", "adam, adamw, sgd or rmsprop (torch's)")
     optimizer_args: dict[str, Any] = option({}, "the optimizer's other arguments, e.g. "
                                             "{\"momentum\": 0.9, \"nesterov\": true}")
@@ -181,7 +195,19 @@ class Config:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         self.make_optimizer([torch.zeros(1, requires_grad=True)])
+        self._check_init()
         return self
+
+    def _check_init(self) -> None:
+        if self.init_from is None:
+            if self.init_prefix:
+                raise ConfigError(f"--init-prefix {self.init_prefix} needs --init-from, the run to start "
+                                  "from")
+        elif not self.init_from.strip():
+            raise ConfigError("--init-from must name a run folder or a checkpoint file, got \"\"")
+        elif self.init_from.startswith("stage:") and stage_marker(self.init_from) is None:
+            raise ConfigError(f"--init-from {self.init_from}: a stage is named stage:K with K >= 1, such as "
+                              "stage:1")
 
     def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
         """torch's optimizer :attr:`optimizer` over ``params``, else :class:`ConfigError` naming the
@@ -245,6 +271,12 @@ class Config:
         except OSError as e:
             raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
         return cls.from_dict(data, str(path))
+
+
+def stage_marker(init_from: str | None) -> int | None:
+    """K of an ``init_from`` "stage:K" (stage K of the same staged recipe), else None (a path, or none)."""
+    found = STAGE_MARKER.fullmatch(init_from or "")
+    return int(found.group(1)) if found else None
 
 
 def option_name(name: str) -> str:

@@ -1,10 +1,16 @@
-"""Presets: one named recipe per paper table cell. ``metashot presets`` lists them."""
+"""Presets: one named recipe per paper table cell. ``metashot presets`` lists them.
+
+A preset is a :class:`Config`, or a recipe of several stages trained one after another: a list of configs,
+stage 1 first, or :class:`metashot.stages.Stages` (the same, with the shares of ``--max-minutes``); see
+:mod:`metashot.stages`.
+"""
 
 from __future__ import annotations
 
-from metashot.config import Config
+from metashot.config import Config, stage_marker
 from metashot.data.tasks import TASKS
 from metashot.errors import ConfigError
+from metashot.stages import Stages
 
 
 def _omniglot_protonet(ways: int, shots: int) -> Config:
@@ -196,7 +202,7 @@ def _image_maml(task: str, shots: int) -> Config:
 
 
 CELLS = [(w, k) for w in (5, 20) for k in (1, 5)]
-PRESETS: dict[str, Config] = {
+PRESETS: dict[str, Config | list[Config] | Stages] = {
     **{f"protonet-omniglot-{w}w{k}s": _omniglot_protonet(w, k) for w, k in CELLS},
     **{f"matching-omniglot-{w}w{k}s": _omniglot_matching(w, k) for w, k in CELLS},
     **{f"maml-omniglot-{w}w{k}s": _omniglot_maml(w, k) for w, k in CELLS},
@@ -224,24 +230,72 @@ DEFAULT_PRESET = {
 
 def default_preset(method: str, task: str | None = None) -> str | None:
     """The preset ``metashot train METHOD [--task TASK]`` starts from: the method's default, or,
-    when ``task`` is not its task, the first preset (by name) of that method and task, if any."""
+    when ``task`` is not its task, the first preset (by name) of that method and task, if any (for a
+    staged preset: of its last stage, the one tested)."""
     name = DEFAULT_PRESET.get(method)
-    if task is None or (name is not None and PRESETS[name].task == task):
+    if task is None or (name is not None and _tested(PRESETS[name]).task == task):
         return name
-    same = sorted(n for n, c in PRESETS.items() if c.method == method and c.task == task)
+    same = sorted(n for n, c in PRESETS.items() if _tested(c).method == method and _tested(c).task == task)
     return same[0] if same else name
 
 
+def _tested(preset: Config | list[Config] | Stages) -> Config:
+    """A preset's config, or its last stage's."""
+    if isinstance(preset, Config):
+        return preset
+    return preset.configs[-1] if isinstance(preset, Stages) else preset[-1]
+
+
 def describe(cfg: Config) -> str:
-    """One line: the method, the task and its shape, the training length, the augmentation if any."""
+    """One line: the method, the task and its shape, the training length, the augmentation if any, the
+    weights it starts from if any."""
     shape = TASKS[cfg.task].shape(cfg)
     batch = f" in meta-batches of {cfg.meta_batch}" if cfg.meta_batch > 1 else ""
     augment = f"; augmentation {cfg.task_args['augment']}" if "augment" in cfg.task_args else ""
-    return f"{cfg.method} on {cfg.task}: {shape}; {cfg.steps} steps{batch}{augment}"
+    start = ""
+    if cfg.init_from is not None:
+        j = stage_marker(cfg.init_from)
+        start = f"; from {f'stage {j}' if j else cfg.init_from}'s {cfg.init_prefix or 'weights'}"
+    return f"{cfg.method} on {cfg.task}: {shape}; {cfg.steps} steps{batch}{augment}{start}"
+
+
+def table() -> str:
+    """What ``metashot presets`` lists: one line per preset, and one per stage of a staged one."""
+    lines = []
+    for name, preset in sorted(PRESETS.items()):
+        if isinstance(preset, Config):
+            lines.append(f"{name:38} {describe(preset)}")
+            continue
+        recipe = stages(name)
+        shares = " / ".join(f"{100 * s:.0f}%" for s in recipe.shares)
+        lines.append(f"{name:38} {len(recipe.configs)} stages, --max-minutes shared {shares}:")
+        lines += [f"{f'  stage {k}':38} {describe(c)}" for k, c in enumerate(recipe.configs, 1)]
+    return "\n".join(lines)
+
+
+def _known(name: str) -> None:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+
+
+def is_staged(name: str) -> bool:
+    """Whether the preset ``name`` (known) is a recipe of stages."""
+    _known(name)
+    return not isinstance(PRESETS[name], Config)
 
 
 def get(name: str) -> Config:
-    """The preset ``name``, with ``preset`` set to its name."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    """The preset ``name``, with ``preset`` set to its name; a staged one is :func:`stages`'."""
+    if is_staged(name):
+        raise ConfigError(f"preset {name!r} is a recipe of {len(stages(name).configs)} stages: "
+                          f"`metashot train --preset {name}` trains them")
     return PRESETS[name].replace(preset=name)
+
+
+def stages(name: str) -> Stages:
+    """The staged preset ``name``, each stage's ``preset`` set to its name."""
+    if not is_staged(name):
+        raise ConfigError(f"preset {name!r} is one run, not a recipe of stages")
+    preset = PRESETS[name]
+    recipe = preset if isinstance(preset, Stages) else Stages(preset)
+    return Stages([c.replace(preset=name) for c in recipe.configs], recipe.budget)

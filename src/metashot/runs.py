@@ -4,7 +4,8 @@ A run folder holds ``config.json``, ``last.pt`` (everything to resume, the metri
 ``best.pt`` (the weights with the best validation metric), ``metrics.csv`` (the rows, rebuilt from
 ``last.pt`` after every checkpoint and on resume, so a row is never lost or ahead of the checkpoint) and,
 once tested, ``result.json``. Checkpoints hold tensors and plain data only and load with
-``torch.load(weights_only=True)``; every file is written to a temporary name and renamed (a
+``torch.load(weights_only=True)`` (:mod:`metashot.checkpoints`, whose functions this module exports too);
+every file is written to a temporary name and renamed (a
 checkpoint's files all written before any is renamed), so a kill or a full disk at any moment leaves the
 previous version whole, and the temporaries a kill leaves behind are removed when the folder is opened
 again. A training process holds an advisory lock on the folder. Only the writer (rank 0 of a distributed
@@ -19,8 +20,6 @@ import fcntl
 import io
 import json
 import os
-import pickle
-import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,6 +29,8 @@ from typing import IO, TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from metashot.checkpoints import load_checkpoint, load_weights, mismatch, serialized
+from metashot.checkpoints import save_checkpoint as save_checkpoint
 from metashot.config import Config, check_device, option_name
 from metashot.errors import CheckpointError, ConfigError, RunFolderError
 from metashot.evaluate import Result, SeedSummary
@@ -45,75 +46,7 @@ CSV_FIELDS = ["step", "episodes", "minutes", "lr", "train_loss", "train_metric",
 CSV_FORMATS = {"step": "d", "episodes": "d", "minutes": ".3f", "lr": ".3g"}
 # What a resume may change; anything else would make the run a different experiment.
 RESUMABLE = ("steps", "max_minutes", "device", "test_episodes", "data_dir")
-
-
-def _serialized(state: dict[str, Any]) -> Callable[[IO[bytes]], None]:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return lambda f: f.write(buffer.getbuffer())
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    atomic_write(path, _serialized(state))
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint without executing code from it (tensors and plain data only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types for a damaged or foreign file
-        text = str(e).strip() or type(e).__name__
-        reason = text.splitlines()[0]
-        if isinstance(e, pickle.UnpicklingError) and text.startswith("Weights only load failed"):
-            # around its unpickler's reason torch advises loading with weights_only=False: never here
-            if found := re.search(r"GLOBAL ([\w.]+)", text):  # a function or class to import and call
-                raise CheckpointError(f"{path}: this file would run code when read (it names "
-                                      f"{found.group(1)}); metashot loads only tensors and plain data, so "
-                                      "it is not a metashot checkpoint") from e
-            found = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
-            reason = found.group(1).strip() if found else "not a pickle of tensors and plain data"
-        raise CheckpointError(f"{path}: truncated, corrupt or not a metashot checkpoint ({reason})") from e
-    if not isinstance(state, dict) or "method" not in state:
-        raise CheckpointError(f"{path}: not a metashot checkpoint (no 'method' weights in it)")
-    return state
-
-
-def _first(keys: list[str], n: int = 3) -> str:
-    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
-
-
-def mismatch(module: nn.Module, weights: Any) -> str | None:
-    """What keeps ``weights`` from loading into ``module`` (its first mismatching keys), else None."""
-    if not isinstance(weights, dict):
-        return f"the weights are {type(weights).__name__}, not a dict of tensors"
-    own = module.state_dict()
-    shape = {k: tuple(getattr(v, "shape", ())) for k, v in weights.items()}
-    sizes = [f"{k} {list(shape[k])} (the network's: {list(v.shape)})"
-             for k, v in own.items() if k in shape and shape[k] != tuple(v.shape)]
-    problems = [f"{what}: {_first(keys)}" for what, keys in (
-        ("not tensors", [k for k, v in weights.items() if k in own and not isinstance(v, torch.Tensor)]),
-        ("size mismatch", sizes),
-        ("missing keys", [k for k in own if k not in weights]),
-        ("unexpected keys", [k for k in weights if k not in own]),
-    ) if keys]
-    return "; ".join(problems) or None
-
-
-def load_weights(module: nn.Module, weights: Any, path: Path, cfg_path: Path | None = None) -> None:
-    """``module.load_state_dict(weights)``, else a :class:`CheckpointError` naming the checkpoint
-    ``path`` (and the config ``cfg_path`` the network was built from) and the first keys that do not fit."""
-    if isinstance(weights, dict) and hasattr(module, "upgrade_weights"):
-        weights = module.upgrade_weights(weights)
-    problem = mismatch(module, weights)
-    if problem is not None:
-        built = f"the network of {cfg_path}" if cfg_path is not None else "the network"
-        raise CheckpointError(f"{path}: its weights do not fit {built} ({problem})")
-    module.load_state_dict(weights)
+STAGES_FILE = "stages.json"  # the recipe of a staged run's folder (metashot.stages)
 
 
 def resume_config(saved: Config, changes: dict[str, Any]) -> Config:
@@ -185,7 +118,7 @@ class RunFolder:
             raise RunFolderError(f"{self.path}: is a file, not a run folder; choose another --run-dir")
         if resume and not self.exists():
             raise RunFolderError(f"--resume: no run in {self.path} (no config.json); drop --resume to start")
-        if not resume and (self.exists() or self.last.exists()):
+        if not resume and (self.exists() or self.last.exists() or (self.path / STAGES_FILE).exists()):
             raise RunFolderError(
                 f"{self.path} already holds a run; pass --resume to continue it or choose another --run-dir"
             )
@@ -253,8 +186,8 @@ class RunFolder:
         written in full before any is renamed into place."""
         if not self.writer:
             return
-        files = {self.best: _serialized(best)} if best is not None else {}
-        files |= {self.last: _serialized(state), self.path / "metrics.csv": _csv(state["rows"])}
+        files = {self.best: serialized(best)} if best is not None else {}
+        files |= {self.last: serialized(state), self.path / "metrics.csv": _csv(state["rows"])}
         with self._writing("the checkpoint"):
             atomic_write_all(files)
 
@@ -325,15 +258,24 @@ def evaluate_run(
     shots: int | None = None,
     trust_code: bool = False,
     backbone: str | None = None,
+    head: str | None = None,
+    head_args: dict[str, Any] | None = None,
 ) -> Result:
-    """Evaluate a finished or interrupted run from its folder (``best.pt``, else ``last.pt``).
+    """Evaluate a finished or interrupted run from its folder (``best.pt``, else ``last.pt``; a staged
+    run's last stage).
 
-    Writes ``result.json``, or ``result-{ways}w{shots}s.json`` for another episode shape. A backbone
-    factory the run's config names is built only with ``trust_code`` or when ``backbone`` names it.
+    Writes ``result.json``, or ``result-{ways}w{shots}s.json`` for another episode shape. With ``head``
+    (a name in :data:`metashot.methods.HEADS`, built with ``head_args``) the run's encoder is tested with
+    that head in place of its own, into ``result-head-{head}.json`` (``result-head-{head}-{ways}w{shots}s
+    .json``). A backbone factory the run's config names is built only with ``trust_code`` or when
+    ``backbone`` names it.
     """
     from metashot.evaluate import evaluate
+    from metashot.stages import stage_folder
 
-    folder = RunFolder(run_dir)
+    if head_args and head is None:
+        raise ConfigError("--head-args are the arguments of a --head; give --head NAME too")
+    folder = RunFolder(stage_folder(run_dir))
     cfg = folder.load_config(trust_code, backbone)
     if backbone is not None and backbone != cfg.backbone:
         trained = f"backbone {cfg.backbone}" if cfg.backbone else "the method's own backbone"
@@ -343,11 +285,27 @@ def evaluate_run(
     cfg = cfg.replace(**changes, **({"device": device} if device else {}))
     if episodes is not None:
         cfg = cfg.replace(test_episodes=episodes)
+    from metashot.methods import build_head
+
+    new_head = None if head is None else build_head(head, **(head_args or {}))
     source, method = folder.method(cfg.validate(), checkpoint)
+    if new_head is not None:
+        method = _with_head(method, new_head, head, folder.path)
     batches = source.loader("test", cfg.test_episodes, seed=cfg.seed, kind=type(method).test_batches)
     result = evaluate(method, batches, cfg.device, progress)
-    folder.write_result(result, f"result-{cfg.ways}w{cfg.shots}s.json" if changes else "result.json")
+    parts = ["result", *([f"head-{head}"] if head else []), *([f"{cfg.ways}w{cfg.shots}s"] * bool(changes))]
+    folder.write_result(result, "-".join(parts) + ".json")
     return result
+
+
+def _with_head(method: Method, head: nn.Module, name: str | None, path: Path) -> Method:
+    """``method`` with ``head`` in place of its own, else a ConfigError for a method that has none."""
+    from metashot.methods.heads import with_head
+
+    try:
+        return with_head(method, head)
+    except ValueError as e:
+        raise ConfigError(f"{path}: --head {name}: {e}") from None
 
 
 # What runs of one recipe over several seeds may differ in besides the seed.
@@ -358,10 +316,12 @@ def summarize_runs(run_dirs: list[str | Path]) -> SeedSummary:
     """The tested runs ``run_dirs`` of one recipe over seeds, summarised; an error names any field
     besides the seed (and device and data folder) in which two runs differ, or a run not yet tested."""
     configs, results = [], []
+    from metashot.stages import relative_init, stage_folder
+
     for run_dir in run_dirs:
-        folder = RunFolder(run_dir)
+        folder = RunFolder(stage_folder(run_dir))  # a staged run: its last stage
         cfg = folder.load_config(trust_code=True)  # only compared: nothing is built from it
-        configs.append(cfg.replace(split_seed=cfg.class_split_seed).to_dict())
+        configs.append(relative_init(cfg, folder.path).replace(split_seed=cfg.class_split_seed).to_dict())
         path = folder.path / "result.json"
         try:
             results.append(Result.from_dict(json.loads(path.read_text())))

@@ -24,6 +24,7 @@ from metashot.data.tasks import TaskSource, checked_source
 from metashot.distributed import RunningStats, World
 from metashot.errors import ConfigError, NonFiniteError
 from metashot.evaluate import Result, evaluate
+from metashot.init_from import init_weights
 from metashot.methods import build_method, method_class
 from metashot.methods.base import Method
 from metashot.process import Interrupted, StopSignals
@@ -65,6 +66,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.source = source or self.world.first(lambda: checked_source(cfg))
         self.method = build_method(cfg, self.source.task_info(kind)).to(self.device)
+        if not (resume and self.folder.last.exists()):  # a fresh start; a resume's last.pt holds the weights
+            self.cfg = cfg = init_weights(self.method, cfg)
         self.running_stats = RunningStats(self.method, self.world)
         self.optimizer = cfg.make_optimizer(self.method.parameters())
         self.scheduler = cfg.make_scheduler(self.optimizer)
