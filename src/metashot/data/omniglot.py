@@ -3,6 +3,9 @@
 The two official zips are decoded once, resized with antialiasing and cached next to them as one
 uint8 array of shape [1623 characters, 20 drawers, size, size], ink = 255 on a 0 background. The cache
 name carries the zips' digest and the size, so changed zips or another size build a new cache.
+:class:`OmniglotSource` ("omniglot") serves its parts as episodes, the train part as labelled examples,
+and sequence episodes (Santoro et al. 2016); :class:`OmniglotSequenceSource` ("omniglot-sequences") is the
+sequence-only source at 20 x 20.
 """
 
 from __future__ import annotations
