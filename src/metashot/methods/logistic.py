@@ -115,4 +115,5 @@ class LogisticHead(Head):
             x, q = F.normalize(x, dim=-1), F.normalize(q, dim=-1)
         basis, r = torch.linalg.qr(x.mT)  # [B, D, r], [B, r, S]
         theta, _ = fit_logistic(r.mT, support_labels, ways, self.C, self.max_iter, self.tol)
-        return _logits(q @ basis, theta).log_softmax(-1).to(query.dtype)
+        weight = basis @ theta[..., :-1].mT  # W = Q V [B, D, ways]: cheaper than projecting the queries
+        return (q @ weight + theta[..., -1].unsqueeze(1)).log_softmax(-1).to(query.dtype)
