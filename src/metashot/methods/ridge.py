@@ -64,8 +64,8 @@ class RidgeHead(Head):
     miniImageNet). lambda starts at 1, not its 50: lambda weighs against the features' squared norm,
     ~8,300 for its 96-192-384-512 network on 28 px Omniglot at init and ~100 for Conv4's 64 features,
     so 1 keeps about its ratio on Conv4 (and trained fastest in short Omniglot runs). A scalar beta
-    shifts every class's logit alike, so the softmax cancels it (its gradient is 0); it is the paper's
-    adjust layer, kept for a model that reads the raw logits.
+    shifts every class's logit alike, so the softmax cancels it (its gradient is 0 up to rounding, which
+    Adam's normalised steps turn into a harmless drift); it is the paper's adjust layer, kept as such.
     """
 
     def __init__(
