@@ -227,8 +227,9 @@ class RunFolder:
         from metashot.methods import build_method, method_class
 
         check_device(cfg.device)
-        source = checked_source(cfg)
-        method = build_method(cfg, source.task_info(method_class(cfg).train_batches)).to(cfg.device)
+        cls = method_class(cfg)
+        source = checked_source(cfg, (cls.train_batches, cls.test_batches))
+        method = build_method(cfg, source.task_info(cls.train_batches)).to(cfg.device)
         path = self.checkpoint_path(checkpoint)
         load_weights(method, load_checkpoint(path, cfg.device)["method"], path, self.config_path)
         return source, method

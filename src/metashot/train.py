@@ -58,14 +58,14 @@ class Trainer:
         self.resume = resume
         check_device(cfg.device)
         self.world = world or World.from_env(cfg.device)
-        kind = method_class(cfg).train_batches
-        self.world.check_shares(cfg.per_step(kind), cfg.val_episodes, cfg.test_episodes)
+        kinds = method_class(cfg).train_batches, method_class(cfg).test_batches
+        self.world.check_shares(cfg.per_step(kinds[0]), cfg.val_episodes, cfg.test_episodes, kind=kinds[0])
         self.folder.writer = self.world.writer
         self.show_progress = progress and self.world.writer
         self.device = self.world.device(cfg.device)
         torch.manual_seed(cfg.seed)
-        self.source = source or self.world.first(lambda: checked_source(cfg))
-        self.method = build_method(cfg, self.source.task_info(kind)).to(self.device)
+        self.source = source or self.world.first(lambda: checked_source(cfg, kinds))
+        self.method = build_method(cfg, self.source.task_info(kinds[0])).to(self.device)
         if not (resume and self.folder.last.exists()):  # a fresh start; a resume's last.pt holds the weights
             self.cfg = cfg = init_weights(self.method, cfg)
         self.running_stats = RunningStats(self.method, self.world)

@@ -10,14 +10,17 @@ from metashot.errors import ConfigError
 from metashot.methods import kernel
 from metashot.methods.base import Method
 from metashot.methods.baseline import Baseline
+from metashot.methods.finetune import CosineHead, LinearHead
 from metashot.methods.heads import CL2N, Head, HeadMethod
 from metashot.methods.kernel import KernelMethod, RBFKernel, class_log_probs
+from metashot.methods.logistic import LogisticHead
 from metashot.methods.maml import MAML, MAMLRegression
 from metashot.methods.mann import MANN, LSTMBaseline
 from metashot.methods.matching import MatchingKernel, MatchingNetwork
 from metashot.methods.metabaseline import MetaBaseline
 from metashot.methods.protonet import ProtoNet, PrototypeHead, PrototypeKernel
 from metashot.methods.rfs import RFS
+from metashot.methods.ridge import R2D2, RidgeHead
 from metashot.methods.simpleshot import SimpleShot
 
 METHODS: dict[str, type[Method]] = {
@@ -30,11 +33,16 @@ METHODS: dict[str, type[Method]] = {
     "rfs": RFS,
     "simpleshot": SimpleShot,
     "meta-baseline": MetaBaseline,
+    "r2d2": R2D2,
 }
 
 HEADS: dict[str, type[nn.Module]] = {
     "prototype": PrototypeHead,
     "cl2n": CL2N,
+    "linear": LinearHead,
+    "cosine": CosineHead,
+    "ridge": RidgeHead,
+    "logistic": LogisticHead,
 }
 
 
@@ -77,6 +85,11 @@ __all__ = [
     "RFS",
     "SimpleShot",
     "CL2N",
+    "CosineHead",
+    "LinearHead",
+    "LogisticHead",
+    "R2D2",
+    "RidgeHead",
     "HEADS",
     "Head",
     "HeadMethod",
