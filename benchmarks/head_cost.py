@@ -47,7 +47,7 @@ from torch import nn
 from metashot.batches import Episode
 from metashot.methods.finetune import LinearHead, fine_tune
 from metashot.methods.heads import CL2N
-from metashot.methods.logistic import STEP_HALVINGS, LogisticHead, fit_logistic
+from metashot.methods.logistic import LogisticHead, fit_logistic
 from metashot.methods.protonet import PrototypeHead
 from metashot.nn.backbones import make_backbone
 
@@ -108,12 +108,15 @@ def heads() -> dict[str, nn.Module]:
 
 def logistic_flops(shots: int, steps: int) -> int:
     """FLOPs of one episode's logistic fit and scoring, S = N K support points, rank r = S (S < D),
-    P = N (r + 1) unknowns: the QR (~4 D S^2), per Newton step the Hessian's product (2 S N^2 (r + 1)^2),
-    its Cholesky factor (P^3 / 3) and solve (2 P^2) and the line search's trial logits (2 T S r N, T step
-    sizes), then W = Q V (2 D r N) and the queries' logits (2 Q D N); elementwise work is not counted."""
+    P = N (r + 1) unknowns: the QR (~4 D S^2), per Newton step the gradient's and the Hessian's products
+    (2 S N (r + 1) + 2 S N^2 (r + 1)^2), its Cholesky factor (P^3 / 3) and solve (2 P^2) and the support's
+    logits three times (3 x 2 S r N: for the gradient, and the line search's objective at the point and
+    after the full step; backtracking, rare, is not counted), then W = Q V (2 D r N) and the queries'
+    logits (2 Q D N); elementwise work is not counted."""
     s = WAYS * shots
     r, q, p = s, WAYS * QUERIES, WAYS * (s + 1)
-    per_step = 2 * s * WAYS ** 2 * (r + 1) ** 2 + p ** 3 // 3 + 2 * p ** 2 + 2 * STEP_HALVINGS * s * r * WAYS
+    per_step = (2 * s * WAYS * (r + 1) + 2 * s * WAYS ** 2 * (r + 1) ** 2 + p ** 3 // 3 + 2 * p ** 2
+                + 3 * 2 * s * r * WAYS)
     return 4 * DIM * s ** 2 + steps * per_step + 2 * DIM * r * WAYS + 2 * q * DIM * WAYS
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from metashot.methods.heads import Head
 
 ARMIJO = 1e-4  # sufficient decrease of the line search
-STEP_HALVINGS = 30  # the line search tries steps 1, 1/2, ..., 2^-29 in one batched evaluation
+STEP_HALVINGS = 30  # backtracking tries steps 1, 1/2, ..., 2^-29 in one batched evaluation
 JITTER = 1e-10  # added to the Hessian's diagonal: a saturated softmax leaves the intercepts' block singular
 
 
@@ -60,6 +60,24 @@ def _newton_direction(
     return grad, step
 
 
+def _step_lengths(
+    z: torch.Tensor, onehot: torch.Tensor, theta: torch.Tensor, step: torch.Tensor, slope: torch.Tensor,
+    C: float,
+) -> torch.Tensor:
+    """Each episode's longest step length t in 1, 1/2, ..., 2^-(T-1) with the Armijo decrease
+    f(theta + t step) <= f(theta) + ARMIJO t slope, or 0 when none has it: [B]. The full Newton step is
+    tried first, alone: it is the one taken but for the first steps on hard problems."""
+    start = _objective(z, onehot, theta, C)
+    full = torch.ones_like(slope)
+    if bool((_objective(z, onehot, theta + step, C) <= start + ARMIJO * slope).all()):
+        return full
+    halvings = 0.5 ** torch.arange(STEP_HALVINGS, dtype=z.dtype, device=z.device)
+    trial = theta.unsqueeze(1) + halvings.view(1, -1, 1, 1) * step.unsqueeze(1)  # [B, T, N, r + 1]
+    value = _objective(z.unsqueeze(1), onehot.unsqueeze(1), trial, C)  # [B, T]
+    ok = value <= start.unsqueeze(1) + ARMIJO * halvings * slope.unsqueeze(1)
+    return torch.where(ok.any(1), halvings[ok.to(torch.uint8).argmax(1)], 0.0)  # argmax: the first True
+
+
 def fit_logistic(
     z: torch.Tensor, labels: torch.Tensor, ways: int, C: float = 1.0, max_iter: int = 100,
     tol: float = 1e-10,
@@ -73,16 +91,10 @@ def fit_logistic(
     """
     onehot = F.one_hot(labels, ways).to(z.dtype)
     theta = z.new_zeros(z.shape[0], ways, z.shape[-1] + 1)
-    halvings = 0.5 ** torch.arange(STEP_HALVINGS, dtype=z.dtype, device=z.device)
     for steps in range(1, max_iter + 1):
         grad, step = _newton_direction(z, onehot, theta, C)
         slope = (grad * step).sum((-1, -2))  # -(Newton decrement), [B]
-        trial = theta.unsqueeze(1) + halvings.view(1, -1, 1, 1) * step.unsqueeze(1)  # [B, T, N, r + 1]
-        value = _objective(z.unsqueeze(1), onehot.unsqueeze(1), trial, C)  # [B, T]
-        start = _objective(z, onehot, theta, C).unsqueeze(1)
-        ok = value <= start + ARMIJO * halvings * slope.unsqueeze(1)
-        t = torch.where(ok.any(1), halvings[ok.to(torch.uint8).argmax(1)], 0.0)  # the longest step that does
-        theta = theta + t.view(-1, 1, 1) * step
+        theta = theta + _step_lengths(z, onehot, theta, step, slope, C).view(-1, 1, 1) * step
         if bool((-slope < tol).all()):
             return theta, steps
     return theta, max_iter
