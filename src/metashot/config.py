@@ -22,7 +22,7 @@ from metashot.errors import ConfigError
 ADDED_FIELDS: dict[str, Any] = {
     "schedule": "step", "warmup": 0, "lr_min": 0.0, "optimizer": "adam", "optimizer_args": {},
     "weight_decay": 0.0, "split_seed": None, "backbone": None, "backbone_args": {}, "batch_size": 64,
-    "lr_milestones": [],
+    "lr_milestones": [], "init_from": None, "init_prefix": "",
 }
 SCHEDULES = ("step", "multistep", "cosine", "constant")
 OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}
