@@ -15,7 +15,7 @@ import torch
 
 from metashot import cli
 from metashot.config import Config
-from metashot.runs import save_checkpoint
+from metashot.runs import load_checkpoint, save_checkpoint
 from metashot.train import Trainer
 
 
@@ -69,7 +69,8 @@ def _error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
     (["--set", "lr"], "--set lr: expected KEY=JSON"),
     (["--set", 'ways="five"'], '--set: ways must be an integer, got "five"'),
     (["--set", "method_args=5"], "--set: method_args must be a JSON object, got 5"),
-    (["--set", "schedule=sometimes"], "schedule must be one of step, multistep, cosine, constant, got 'sometimes'"),
+    (["--set", "schedule=sometimes"],
+     "schedule must be one of step, multistep, cosine, constant, got 'sometimes'"),
     (["--set", 'method_args={"bogus": 1}'], "method_args: unknown key 'bogus' for maml; known: adapt_norm, "),
     (["--ways", "x"], "argument --ways: invalid int value: 'x'"),
 ])
@@ -204,3 +205,90 @@ def test_a_bug_keeps_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(Trainer, "fit", broken)
     with pytest.raises(ZeroDivisionError):
         cli.main([*SINE, "--max-episodes", "2", "--run-dir", str(tmp_path / "run")])
+
+
+FOLDER_RUN = ["--task", "folder", "--no-progress", "--ways", "2", "--train-ways", "2", "--queries", "1",
+              "--set", "train_queries=1", "--steps", "2", "--val-every", "2", "--set", "val_episodes=2",
+              "--test-episodes", "2", "--method-args", '{"hidden": 4}']
+
+
+@pytest.fixture(scope="module")
+def protonet_run(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-step ProtoNet run on the image folder, Conv4 of width 4."""
+    run = tmp_path_factory.mktemp("protonet") / "run"
+    assert cli.main(["train", "protonet", "--data-dir", str(folder), *FOLDER_RUN, "--run-dir", str(run)]) == 0
+    return run
+
+
+def _saved_with(path: Path, run: Path, **more: torch.Tensor) -> Path:
+    save_checkpoint(path, {"method": {**load_checkpoint(run / "best.pt")["method"], **more}})
+    return path
+
+
+@pytest.mark.parametrize(("start", "args", "message"), [
+    (lambda run, tmp: tmp / "nope", [], "/nope: no such run folder or checkpoint file"),
+    (lambda run, tmp: tmp, [], "holds no best.pt or last.pt; is it a run folder that saved a checkpoint?"),
+    (lambda run, tmp: run / "config.json", [],
+     "config.json: truncated, corrupt or not a metashot checkpoint"),
+    (lambda run, tmp: run, ["--init-prefix", "backbone."],
+     "--init-prefix 'backbone.': protonet has no weights under it (its weights' prefixes: encoder.)"),
+    (lambda run, tmp: run, ["--init-prefix", "encoder.", "--method-args", '{"hidden": 8}'],
+     "best.pt: its weights under 'encoder.' do not fit protonet's (size mismatch: encoder.0.0.weight "
+     "[4, 1, 3, 3] (the network's: [8, 1, 3, 3])"),
+    (lambda run, tmp: run, ["--set", 'method_args={"learn_scale": true}'],
+     "best.pt: its weights under '' do not fit protonet's (missing keys: head.scale)"),
+    (lambda run, tmp: _saved_with(tmp / "more.pt", run, **{"head.extra": torch.zeros(1)}), [],
+     "more.pt: its weights under '' do not fit protonet's (unexpected keys: head.extra)"),
+    (lambda run, tmp: run, ["--init-prefix", "head."],
+     "--init-prefix 'head.': protonet has no weights under it"),
+    (lambda run, tmp: "stage:1", [], "--init-from stage:1 names a stage of a staged preset"),
+    (lambda run, tmp: "stage:0", [], "--init-from stage:0: a stage is named stage:K with K >= 1"),
+    (lambda run, tmp: "", [], '--init-from must name a run folder or a checkpoint file, got ""'),
+])
+def test_a_bad_init_from_is_one_line_before_anything_is_written(
+    start: object, args: list[str], message: str, protonet_run: Path, folder: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture
+) -> None:
+    capsys.readouterr()
+    argv = ["train", "protonet", "--data-dir", str(folder), *FOLDER_RUN, "--run-dir", str(tmp_path / "new"),
+            "--init-from", str(start(protonet_run, tmp_path)), *args]
+    assert message in _error(argv, capsys)
+    assert not (tmp_path / "new").exists()
+
+
+def test_init_from_a_maml_run_into_protonet_names_the_prefixes(run: Path, folder: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    capsys.readouterr()
+    argv = ["train", "protonet", "--data-dir", str(folder), *FOLDER_RUN, "--run-dir", str(tmp_path / "new"),
+            "--init-from", str(run), "--init-prefix", "encoder."]
+    assert "best.pt: no weights under 'encoder.' to start protonet from (its weights' prefixes: " in _error(
+        argv, capsys)
+    assert "--init-prefix encoder. needs --init-from" in _error([*SINE, "--init-prefix", "encoder."], capsys)
+
+
+def test_init_from_loads_the_weights_under_the_prefix_and_saves_the_path_absolute(
+    protonet_run: Path, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(protonet_run.parent)
+    argv = ["train", "protonet", "--data-dir", str(folder), *FOLDER_RUN, "--init-from", protonet_run.name,
+            "--init-prefix", "encoder.", "--set", 'method_args={"learn_scale": true}']
+    cfg = cli.config_from_args(cli.parser().parse_args(argv))
+    assert cfg.init_from == str(protonet_run)  # the command line's path, absolute
+    trainer = Trainer(cfg.replace(init_from=protonet_run.name), tmp_path / "new", progress=False)
+    state, best = trainer.method.state_dict(), load_checkpoint(protonet_run / "best.pt")["method"]
+    assert set(state) - set(best) == {"head.scale"} and state["head.scale"].item() == 1.0  # its own init
+    assert all(torch.equal(state[k], v) for k, v in best.items())
+    trainer.fit()
+    assert Config.load(tmp_path / "new" / "config.json").init_from == str(protonet_run)  # the API's too
+
+
+def test_evaluate_head_errors(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    capsys.readouterr()
+    err = _error(["evaluate", str(run), "--head", "cl2n", "--no-progress"], capsys)
+    assert err.startswith(f"metashot: error: {run}: --head cl2n: MAMLRegression is not an encoder and a head")
+    assert "unknown head 'nope'; known: " in _error(["evaluate", str(run), "--head", "nope"], capsys)
+    assert "--head-args are the arguments of a --head" in _error(
+        ["evaluate", str(run), "--head-args", '{"distance": "cosine"}'], capsys)
+    assert "argument --head-args: expected a JSON object" in _error(
+        ["evaluate", str(run), "--head", "cl2n", "--head-args", "cosine"], capsys)
+    assert not list(run.glob("result-head-*"))

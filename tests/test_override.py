@@ -13,6 +13,7 @@ from torch import nn
 
 from metashot import cli, presets
 from metashot.arguments import TASK_ARGS, method_arg_types, task_arg_types
+from metashot.cli_train import recipe_from_args
 from metashot.config import Config
 from metashot.data.sources import PARTS
 from metashot.data.tasks import TASKS, build_source
@@ -21,7 +22,9 @@ from metashot.errors import ConfigError
 # one valid method argument per method and task argument per task source of the presets
 METHOD_ARG: dict[str, dict[str, Any]] = {
     "protonet": {"distance": "cosine"}, "matching": {"fce": True}, "maml": {"inner_steps": 2},
-    "mann": {"hidden": 100}, "lstm": {"hidden": 100},
+    "mann": {"hidden": 100}, "lstm": {"hidden": 100}, "baseline": {"classifier": "cosine"},
+    "rfs": {"scale": 5.0}, "simpleshot": {"classifier": "cosine"}, "meta-baseline": {"scale": 5.0},
+    "r2d2": {"lam": 0.5},
 }
 OPTIMIZER_ARG = {"adam": {"eps": 1e-6}, "rmsprop": {"eps": 1e-6}, "sgd": {"dampening": 0.0}}
 TASK_ARG: dict[str, dict[str, Any]] = {
@@ -67,14 +70,30 @@ def _cli(method: str, *args: str) -> Config:
     return cli.config_from_args(cli.parser().parse_args(["train", method, *args]))
 
 
+def _every_stage() -> list[tuple[str, int]]:
+    """Each preset with 0, each stage k of a staged preset with k."""
+    return [(n, k) for n in sorted(presets.PRESETS)
+            for k in (range(1, len(presets.stages(n).configs) + 1) if presets.is_staged(n) else [0])]
+
+
+def _preset(name: str, stage: int) -> Config:
+    return presets.stages(name).configs[stage - 1] if stage else presets.get(name)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("name", sorted(presets.PRESETS))
-def test_override_builds_the_config_the_command_line_builds(name: str, case: str) -> None:
-    base = presets.get(name)
+@pytest.mark.parametrize(("name", "stage"), _every_stage())
+def test_override_builds_the_config_the_command_line_builds(name: str, stage: int, case: str) -> None:
+    base = _preset(name, stage)
     flags, changes = CASES[case](base)
+    if stage:  # a stage of a staged preset: the same changes, as --stage K:KEY=JSON
+        flags = [s for k, v in changes.items() for s in ("--stage", f"{stage}:{k}={json.dumps(v)}")]
+        args = cli.parser().parse_args(["train", "--preset", name, *flags])
+        built = recipe_from_args(args).configs[stage - 1]
+    else:
+        built = _cli(base.method, "--preset", name, *flags)
     api = base.override(**changes)
-    assert api.to_dict() == _cli(base.method, "--preset", name, *flags).to_dict()
-    assert base.to_dict() == presets.get(name).to_dict()  # the preset is left as it was
+    assert api.to_dict() == built.to_dict()
+    assert base.to_dict() == _preset(name, stage).to_dict()  # the preset is left as it was
     for key, value in changes.items():  # a dict updates the preset's
         got = getattr(api, key)
         assert got.items() >= value.items() if isinstance(value, dict) else got == value

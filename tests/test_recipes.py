@@ -131,6 +131,27 @@ def test_a_config_saved_before_the_recipe_fields_loads_with_the_old_behaviour() 
     assert cfg.split_seed is None and cfg.class_split_seed == 3  # the split followed the seed then
 
 
+def test_a_config_saved_before_init_from_loads_starting_from_scratch() -> None:
+    old = Config(seed=3).to_dict()
+    del old["init_from"], old["init_prefix"]
+    cfg = Config.from_dict(old)
+    assert cfg.init_from is None and cfg.init_prefix == ""
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"init_prefix": "encoder."}, "--init-prefix encoder. needs --init-from, the run to start from"),
+    ({"init_from": " "}, '--init-from must name a run folder or a checkpoint file, got ""'),
+    ({"init_from": "stage:x"},
+     "--init-from stage:x: a stage is named stage:K with K >= 1, such as stage:1"),
+    ({"init_from": "stage:01"},
+     "--init-from stage:01: a stage is named stage:K with K >= 1, such as stage:1"),
+])
+def test_a_bad_start_is_a_config_error(changes: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        Config(**changes).validate()
+    assert str(e.value) == message
+
+
 def _characters(cfg: Config, part: str) -> set[str]:
     return set(build_source(cfg).dataset(part).class_names)
 
@@ -240,9 +261,12 @@ def test_another_optimizer_than_the_presets_starts_from_no_arguments() -> None:
     assert sgd.optimizer_args == {"momentum": 0.9}
 
 
-@pytest.mark.parametrize("name", sorted(presets.PRESETS))
-def test_every_preset_validates_names_its_recipe_and_builds(name: str) -> None:
-    cfg = presets.get(name).validate()
+@pytest.mark.parametrize(("name", "stage"), [
+    (n, k) for n in sorted(presets.PRESETS)
+    for k in (range(1, len(presets.stages(n).configs) + 1) if presets.is_staged(n) else [0])])
+def test_every_preset_validates_names_its_recipe_and_builds(name: str, stage: int) -> None:
+    """Each preset, and each stage (k > 0) of a staged one."""
+    cfg = (presets.stages(name).configs[stage - 1] if stage else presets.get(name)).validate()
     assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # saved and loaded alike
     assert cfg.optimizer in ("adam", "rmsprop", "sgd") and cfg.schedule in ("step", "cosine", "constant")
     if cfg.task == "sinusoid":

@@ -1,22 +1,29 @@
-"""The run folder under interruption: signals, resume, leftovers, lost rows, locks, divergence.
+"""The run folder under interruption: signals, resume, leftovers, lost rows, locks, divergence; a run
+started from another's weights; a run tested with another head.
 
-Every run here is MAML on sinusoids (no data needed, a fraction of a second a step)."""
+Every run here is MAML on sinusoids (no data needed, a fraction of a second a step), but the one a head
+is swapped on: ProtoNet on a few Omniglot alphabets."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from sklearn.neighbors import NearestCentroid
 
+from metashot import cli
 from metashot import io as metashot_io
 from metashot.config import Config
 from metashot.errors import NonFiniteError, RunFolderError
-from metashot.runs import RunFolder, load_checkpoint
-from metashot.train import Trainer
+from metashot.runs import RunFolder, evaluate_run, load_checkpoint
+from metashot.train import Trainer, train
 
 TIME_COLUMNS = ("minutes",)
 
@@ -184,3 +191,91 @@ def test_a_save_that_fails_leaves_every_file_as_it_was(tmp_path: Path,
                             "--resume continues from it")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 1
+
+
+@pytest.fixture(scope="module")
+def start(whole: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint file to start runs from: the whole run's best weights, copied."""
+    path = tmp_path_factory.mktemp("start") / "start.pt"
+    path.write_bytes((whole / "best.pt").read_bytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def started(start: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run that started from ``start``."""
+    run = tmp_path_factory.mktemp("started")
+    Trainer(_cfg(init_from=str(start)), run, progress=False).fit()
+    return run
+
+
+def test_a_resume_takes_its_own_last_checkpoint_not_init_from(start: Path, started: Path,
+                                                              tmp_path: Path) -> None:
+    copy = tmp_path / "start.pt"
+    copy.write_bytes(start.read_bytes())
+    first = Trainer(_cfg(init_from=str(copy)), tmp_path / "run", progress=False)
+    weights = load_checkpoint(start)["method"]
+    assert all(torch.equal(v, weights[k]) for k, v in first.method.state_dict().items())
+    _signal_at(first, 13, signal.SIGTERM)
+    first.fit()
+    copy.unlink()  # a resume never reads it
+    Trainer(None, tmp_path / "run", resume=True, progress=False).fit()
+    _assert_same_run(started, tmp_path / "run")
+    assert Config.load(tmp_path / "run" / "config.json").init_from == str(copy)
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_from_init_from_again(
+    whole: Path, start: Path, started: Path, tmp_path: Path
+) -> None:
+    _cfg(init_from=str(start)).save(tmp_path / "config.json")
+    Trainer(None, tmp_path, resume=True, progress=False).fit()
+    _assert_same_run(started, tmp_path)
+    ours, theirs = (load_checkpoint(p / "last.pt")["method"] for p in (tmp_path, whole))
+    assert not all(torch.equal(ours[k], theirs[k]) for k in ours)  # not the run started from scratch
+
+
+@pytest.fixture(scope="module")
+def protonet_run(omniglot_small_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tested ten-step ProtoNet run (Conv4 of width 8) on a few Omniglot alphabets."""
+    run = tmp_path_factory.mktemp("protonet")
+    cfg = Config(method="protonet", method_args={"hidden": 8}, data_dir=str(omniglot_small_dir),
+                 task_args={"split": "official", "val_characters": 6}, ways=5, shots=2, queries=3,
+                 train_queries=2, steps=10, val_every=10, val_episodes=4, test_episodes=20)
+    train(cfg, run, progress=False)
+    return run
+
+
+def _cl2n_by_hand(run: Path) -> float:
+    """The mean accuracy of scikit-learn's nearest centroid on the test episodes' support-centred,
+    L2-normalised features of the run's encoder (CL2N, Wang et al. 2019)."""
+    cfg = Config.load(run / "config.json")
+    source, method = RunFolder(run).method(cfg)
+    method.eval()
+    accs = []
+    # NearestCentroid warns of features of zero spread (those ReLU leaves at 0), which its rule ignores
+    with torch.no_grad(), warnings.catch_warnings(action="ignore", category=UserWarning):
+        for episode in source.loader("test", cfg.test_episodes, seed=cfg.seed):
+            support, query = method.embed(episode)
+            for s, q, s_labels, q_labels in zip(support, query, episode.support_labels, episode.query_labels):
+                mean = s.mean(0)
+                s, q = F.normalize(s - mean, dim=-1), F.normalize(q - mean, dim=-1)
+                found = NearestCentroid().fit(s.numpy(), s_labels.numpy()).predict(q.numpy())
+                accs.append(float((found == q_labels.numpy()).mean()))
+    return sum(accs) / len(accs)
+
+
+def test_evaluate_with_another_head_writes_its_own_result(protonet_run: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    own = json.loads((protonet_run / "result.json").read_text())
+    # the run's own head by name gives the run's own numbers
+    assert json.loads(evaluate_run(protonet_run, head="prototype").to_json()) == own
+    assert cli.main(["evaluate", str(protonet_run), "--head", "cl2n", "--no-progress"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("(95% CI, 20 episodes), with the cl2n head")
+    cl2n = json.loads((protonet_run / "result-head-cl2n.json").read_text())
+    assert json.loads((protonet_run / "result.json").read_text()) == own  # left as it was
+    assert cl2n["stats"]["acc"][0] == pytest.approx(_cl2n_by_hand(protonet_run), abs=1e-6)
+    assert cl2n["stats"]["loss"][0] != pytest.approx(own["stats"]["loss"][0], abs=1e-3)
+    assert 0.2 < cl2n["mean"] <= 1 and 0.2 < own["mean"] <= 1  # above chance, 5-way
+    cosine = evaluate_run(protonet_run, head="prototype", head_args={"distance": "cosine"}, shots=1)
+    assert json.loads((protonet_run / "result-head-prototype-5w1s.json").read_text()) == json.loads(
+        cosine.to_json())

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from metashot import presets
-from metashot.config import Config, check_types, field_types, options, stage_marker
+from metashot.config import Config, check_types, field_types, options
 from metashot.errors import ConfigError
 from metashot.evaluate import Result, SeedSummary
 from metashot.stages import Stages, is_staged_run, load_recipe, with_changes
@@ -47,8 +47,9 @@ def _merged(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         merge = isinstance(value, dict) and isinstance(changes.get(key), dict)
         changes[key] = changes[key] | value if merge else value
     for key in ("data_dir", "init_from"):
-        if isinstance(changes.get(key), str) and stage_marker(changes[key]) is None:
-            changes[key] = os.path.abspath(Path(changes[key]).expanduser())
+        path = changes.get(key)
+        if isinstance(path, str) and path.strip() and not (key == "init_from" and path.startswith("stage:")):
+            changes[key] = os.path.abspath(Path(path).expanduser())
     return changes
 
 

@@ -101,6 +101,8 @@ def with_changes(recipe: Stages, changes: dict[str, Any], per_stage: dict[int, d
     n = len(recipe.configs)
     if unknown := sorted(set(per_stage) - set(range(1, n + 1))):
         raise ConfigError(f"--stage {unknown[0]}: the recipe {recipe.preset} has stages 1 to {n}")
+    if changes.get("max_minutes") is not None:  # the whole recipe's, checked before it is shared
+        recipe.configs[0].replace(max_minutes=changes["max_minutes"]).validate()
     configs = []
     for k, (cfg, share) in enumerate(zip(recipe.configs, recipe.shares), 1):
         every = dict(changes)
