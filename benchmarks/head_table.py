@@ -25,7 +25,7 @@ import torch
 from metashot.evaluate import mean_ci
 from metashot.methods import HEADS, build_head
 from metashot.methods.baseline import Baseline
-from metashot.methods.heads import CL2N, HeadMethod, episode_metrics
+from metashot.methods.heads import CL2N, EncoderHead, HeadMethod, episode_metrics
 from metashot.runs import RunFolder
 
 
@@ -74,7 +74,8 @@ def main() -> None:
             t0 = time.perf_counter()
             method, features = embedded(run, ways, shots, a.episodes, a.batch)
             embed_s = time.perf_counter() - t0
-            heads = {"own": method.head} | {name: build_head(name) for name in sorted(HEADS)}
+            heads = {"own": method.head} | {name: build_head(name) for name in sorted(HEADS)
+                                            if not issubclass(HEADS[name], EncoderHead)}
             for name, head in heads.items():
                 if isinstance(head, CL2N) and isinstance(method, Baseline):
                     head.mean = method.base_mean

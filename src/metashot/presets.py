@@ -10,6 +10,7 @@ from __future__ import annotations
 from metashot.config import Config, stage_marker
 from metashot.data.tasks import TASKS
 from metashot.errors import ConfigError
+from metashot.pretrain_presets import PRETRAIN_DEFAULTS, PRETRAIN_PRESETS
 from metashot.stages import Stages
 
 
@@ -218,6 +219,7 @@ PRESETS: dict[str, Config | list[Config] | Stages] = {
     **{f"protonet-{d}-resnet12-5w{k}s": _image_protonet_resnet12(d, k)
        for d in ("miniimagenet", "tieredimagenet") for k in (1, 5)},
     **{f"matching-miniimagenet-5w{k}s": _image_matching("miniimagenet", k) for k in (1, 5)},
+    **PRETRAIN_PRESETS,
 }
 DEFAULT_PRESET = {
     "protonet": "protonet-omniglot-5w1s",
@@ -225,6 +227,8 @@ DEFAULT_PRESET = {
     "maml": "maml-omniglot-5w1s",
     "mann": "mann-omniglot-5class-onehot",
     "lstm": "lstm-omniglot-5class-onehot",
+    "meta-baseline": "meta-baseline-omniglot-5w1s",
+    **PRETRAIN_DEFAULTS,
 }
 
 
@@ -249,8 +253,13 @@ def _tested(preset: Config | list[Config] | Stages) -> Config:
 def describe(cfg: Config) -> str:
     """One line: the method, the task and its shape, the training length, the augmentation if any, the
     weights it starts from if any."""
+    from metashot.methods import method_class
+
     shape = TASKS[cfg.task].shape(cfg)
     batch = f" in meta-batches of {cfg.meta_batch}" if cfg.meta_batch > 1 else ""
+    if method_class(cfg).train_batches == "examples":
+        shape = f"{cfg.ways}-way {cfg.shots}-shot at test, trained on every training class"
+        batch = f" of {cfg.batch_size} examples"
     augment = f"; augmentation {cfg.task_args['augment']}" if "augment" in cfg.task_args else ""
     start = ""
     if cfg.init_from is not None:

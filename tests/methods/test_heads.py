@@ -154,3 +154,20 @@ def test_meta_baseline_is_cosine_protonet_with_learned_scale():
     net = MetaBaseline.build(TaskInfo((1, 28, 28), 5, 5), backbone_args={"hidden": 8})
     assert net.head.distance == "cosine" and net.head.scale.item() == pytest.approx(10.0)
     assert "head.scale" in net.state_dict()
+
+
+def test_a_fine_tuning_head_scores_through_the_encoder_and_leaves_it_unchanged():
+    from metashot.methods.finetune import FineTune
+
+    torch.manual_seed(0)
+    net = ProtoNet(make_backbone("conv4", (1, 28, 28), hidden=8)).eval()
+    ep = episode()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    untuned = with_head(net, FineTune(steps=0)).evaluate(ep)
+    cosine = with_head(net, PrototypeHead("cosine", temperature=0.1)).evaluate(ep)
+    torch.testing.assert_close(untuned["loss"], cosine["loss"])
+    tuned = with_head(net, FineTune(steps=3, lr=1e-2)).evaluate(ep)
+    assert not torch.allclose(tuned["loss"], untuned["loss"])
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    with pytest.raises(ConfigError, match="finetune"):
+        build_head("finetune", steps=-1)

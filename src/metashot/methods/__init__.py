@@ -10,7 +10,7 @@ from metashot.errors import ConfigError
 from metashot.methods import kernel
 from metashot.methods.base import Method
 from metashot.methods.baseline import Baseline
-from metashot.methods.finetune import CosineHead, LinearHead
+from metashot.methods.finetune import CosineHead, FineTune, LinearHead
 from metashot.methods.heads import CL2N, Head, HeadMethod
 from metashot.methods.kernel import KernelMethod, RBFKernel, class_log_probs
 from metashot.methods.logistic import LogisticHead
@@ -43,6 +43,7 @@ HEADS: dict[str, type[nn.Module]] = {
     "cosine": CosineHead,
     "ridge": RidgeHead,
     "logistic": LogisticHead,
+    "finetune": FineTune,
 }
 
 
@@ -53,7 +54,7 @@ def build_head(name: str, **args: Any) -> nn.Module:
         raise ConfigError(f"unknown head {name!r}; known: {', '.join(sorted(HEADS))}")
     try:
         return HEADS[name](**args)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ConfigError(f"head args {args} do not fit {name}: {e}") from None
 
 
@@ -86,6 +87,7 @@ __all__ = [
     "SimpleShot",
     "CL2N",
     "CosineHead",
+    "FineTune",
     "LinearHead",
     "LogisticHead",
     "R2D2",

@@ -89,6 +89,4 @@ class Baseline(HeadMethod):
         if isinstance(self.head, CL2N):
             self.head.mean = self.base_mean
         with torch.no_grad():
-            support, query = self.embed(episode)
-        log_p = self.head(query, support, episode.support_labels, episode.ways)
-        return episode_metrics(log_p.detach(), episode.query_labels)[1]
+            return episode_metrics(self.log_probs(episode), episode.query_labels)[1]

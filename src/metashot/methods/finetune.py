@@ -15,7 +15,7 @@ from torch import nn
 
 from metashot.batches import Episode
 from metashot.data.augment import draw, resized_crop
-from metashot.methods.heads import Head
+from metashot.methods.heads import EncoderHead, Head
 from metashot.methods.protonet import prototype_logits, prototypes
 
 KINDS = ("linear", "cosine")
@@ -155,3 +155,19 @@ def fine_tune(
         _tune_one(encoder, support, labels, query, episode.ways, steps, lr, scale, params)
         for support, labels, query in zip(episode.support, episode.support_labels, episode.query)
     ])
+
+
+class FineTune(EncoderHead):
+    """:func:`fine_tune` as a head (``metashot evaluate RUN --head finetune --head-args '{"steps": 50}'``,
+    or a pretraining method's ``head``): ``steps``, ``lr``, ``scale``, ``augment``, ``seed`` as there."""
+
+    def __init__(
+        self, steps: int = 50, lr: float = 1e-3, scale: float = 10.0, augment: bool = True, seed: int = 0
+    ) -> None:
+        super().__init__()
+        if steps < 0 or lr <= 0:
+            raise ValueError(f"finetune: steps ({steps}) must be >= 0 and lr ({lr}) > 0")
+        self.args = {"steps": steps, "lr": lr, "scale": scale, "augment": augment, "seed": seed}
+
+    def score(self, encoder: nn.Module, episode: Episode) -> torch.Tensor:
+        return fine_tune(encoder, episode, **self.args)

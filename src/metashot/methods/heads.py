@@ -29,6 +29,15 @@ class Head(nn.Module):
         raise NotImplementedError
 
 
+class EncoderHead(Head):
+    """A head that needs the encoder and the images, not only their features (support-set fine-tuning).
+    Subclasses define :meth:`score`; :class:`HeadMethod` calls it in place of embedding."""
+
+    def score(self, encoder: nn.Module, episode: Episode) -> torch.Tensor:
+        """log P(y = n | x, S) [B, Q, N] of the episode's queries, ``encoder`` left as it was."""
+        raise NotImplementedError
+
+
 def episode_metrics(
     log_p: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -69,6 +78,8 @@ class HeadMethod(Method):
 
     def log_probs(self, episode: Episode) -> torch.Tensor:
         """log P(y = n | x, S) for every query: [B, Q, N]."""
+        if isinstance(self.head, EncoderHead):
+            return self.head.score(self.encoder, episode)
         support, query = self.embed(episode)
         return self.head(query, support, episode.support_labels, episode.ways)
 
