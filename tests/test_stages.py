@@ -132,20 +132,36 @@ def _assert_same_weights(a: Path, b: Path) -> None:
     assert json.loads((a / "result.json").read_text()) == json.loads((b / "result.json").read_text())
 
 
-@pytest.mark.parametrize("stage", ["stage1", "stage2"])
-def test_a_killed_stage_resumes_bit_for_bit(stage: str, recipe: str, whole: Whole,
+class _Killed(BaseException):
+    """What kill -9 leaves: the process gone within a step, nothing saved since the last checkpoint."""
+
+
+@pytest.mark.parametrize(("stage", "signum"), [("stage1", signal.SIGTERM), ("stage2", signal.SIGTERM),
+                                               ("stage2", signal.SIGKILL)])
+def test_a_killed_stage_resumes_bit_for_bit(stage: str, signum: int, recipe: str, whole: Whole,
                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture) -> None:
     whole, killed = whole[0], tmp_path / "killed"
 
-    def kill_at_step_4(trainer: Trainer) -> None:  # as test_runs does: SIGTERM as a step begins
+    def kill(step: int) -> None:  # SIGTERM as test_runs sends it, as step 4 begins; SIGKILL: gone at once
+        if step == 4:
+            if signum == signal.SIGKILL:
+                raise _Killed
+            os.kill(os.getpid(), signum)
+
+    def kill_at_step_4(trainer: Trainer) -> None:
         hook = trainer.method.on_step
-        trainer.method.on_step = lambda s: (s == 4 and os.kill(os.getpid(), signal.SIGTERM)) or hook(s)
+        trainer.method.on_step = lambda s: kill(s) or hook(s)
 
     with monkeypatch.context() as patch:
         _on_open(patch, stage, kill_at_step_4)
-        assert _train("--run-dir", str(killed)) == 128 + signal.SIGTERM
-    assert load_checkpoint(killed / stage / "last.pt")["step"] == 5
+        if signum == signal.SIGKILL:
+            with pytest.raises(_Killed):
+                _train("--run-dir", str(killed))
+        else:
+            assert _train("--run-dir", str(killed)) == 128 + signum
+    # SIGTERM saves the step it stopped in; after SIGKILL the last checkpoint is step 3's
+    assert load_checkpoint(killed / stage / "last.pt")["step"] == (3 if signum == signal.SIGKILL else 5)
     assert not (killed / stage / "result.json").exists() and not (killed / "stage2" / "result.json").exists()
     before = {p.name: p.stat().st_mtime_ns for p in (killed / "stage1").iterdir()}
     capsys.readouterr()
@@ -248,3 +264,50 @@ def test_stages_refuse_a_bad_budget_or_a_later_stage(omniglot_small_dir: Path) -
     with pytest.raises(ConfigError, match=r"^stage 1: --init-from stage:1 must name an earlier stage \(none"):
         Stages([two])
     assert Stages([one, two], budget=[1, 3]).shares == [0.25, 0.75]
+
+
+def _fake_staged_run(run: Path, seed: int, acc: float, start: Path | None = None) -> Path:
+    """A tested staged run of the recipe, written by hand: its stages.json, stage folders and results."""
+    recipe = with_changes(presets.stages(NAME), {"seed": seed}, {})
+    run.mkdir(parents=True)
+    (run / "stages.json").write_text(json.dumps(recipe.to_dict()))
+    for k, cfg in enumerate(recipe.configs, 1):
+        (run / f"stage{k}").mkdir()
+        init = None if cfg.init_from is None else str((start or run / "stage1").resolve())
+        cfg.replace(init_from=init).save(run / f"stage{k}" / "config.json")
+        result = {"metric": "acc", "episodes": 10, "stats": {"acc": [acc + k / 10, 0.01]}}
+        (run / f"stage{k}" / "result.json").write_text(json.dumps(result))
+    return run
+
+
+def test_summarize_compares_staged_runs_by_their_recipe(recipe: str, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    runs = [_fake_staged_run(tmp_path / f"seed{s}", s, acc) for s, acc in ((0, 0.5), (1, 0.6))]
+    assert cli.main(["summarize", *map(str, runs), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["mean"] == pytest.approx(0.75) and summary["runs"] == [str(r) for r in runs]
+    other = _fake_staged_run(tmp_path / "other", 2, 0.6, start=runs[0] / "stage1")  # not its own stage 1
+    assert f"differ in more than the seed: init_from (\"stage:1\" vs \"{runs[0] / 'stage1'}\")" in _error(
+        ["summarize", str(runs[0]), str(other)], capsys)
+
+
+def test_a_resume_of_a_staged_run_changes_only_what_a_resume_may(recipe: str, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    run = _fake_staged_run(tmp_path / "run", 0, 0.5)
+
+    def resumed(*args: str) -> list[Config]:
+        return recipe_from_args(cli.parser().parse_args(["train", "--resume", "--run-dir", str(run), *args])
+                                ).configs
+
+    one, two = resumed("--steps", "9", "--stage", "2:test_episodes=3", "--max-minutes", "4")
+    assert (one.steps, two.steps, one.test_episodes, two.test_episodes) == (9, 9, 10, 3)
+    assert (one.max_minutes, two.max_minutes) == (3.0, 1.0)
+    with pytest.raises(ConfigError, match=r"^stage 2: --resume continues the run as configured; it cannot "
+                                          r"change --lr"):
+        resumed("--stage", "2:lr=0.1")
+    # a finished recipe resumed: every stage is skipped, the last stage's result printed
+    assert cli.main(["train", "--resume", "--run-dir", str(run), "--no-progress", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["mean"] == pytest.approx(0.7)
+    assert err.splitlines() == [f"metashot: stage {k} of 2 is finished ({run}/stage{k}/result.json)"
+                                for k in (1, 2)]
