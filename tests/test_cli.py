@@ -292,3 +292,11 @@ def test_evaluate_head_errors(run: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert "argument --head-args: expected a JSON object" in _error(
         ["evaluate", str(run), "--head", "cl2n", "--head-args", "cosine"], capsys)
     assert not list(run.glob("result-head-*"))
+
+
+def test_train_takes_the_method_from_the_preset(capsys: pytest.CaptureFixture) -> None:
+    args = cli.parser().parse_args(["train", "--preset", "maml-sinusoid"])
+    assert cli.config_from_args(args).method == "maml"
+    assert "give the METHOD to train, or a --preset (see `metashot presets`)" in _error(["train"], capsys)
+    err = _error([*SINE, "--stage", "2:steps=3"], capsys)
+    assert "--stage 2:steps=3: --stage sets a field of one stage of a staged preset; this run is one" in err
