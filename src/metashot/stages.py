@@ -57,10 +57,12 @@ class Stages:
         if not n or not all(isinstance(c, Config) for c in self.configs):
             raise ConfigError("a staged recipe is a list of one Config or more, stage 1 first")
         if self.budget is not None:
-            self.budget = [float(b) for b in self.budget]
-            if len(self.budget) != n or not all(math.isfinite(b) and b > 0 for b in self.budget):
-                raise ConfigError(f"budget {self.budget}: one positive share of --max-minutes per stage, "
-                                  f"{n} in all")
+            budget = list(self.budget) if isinstance(self.budget, (list, tuple)) else []
+            if len(budget) != n or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                           and math.isfinite(b) and b > 0 for b in budget):
+                raise ConfigError(f"budget {json.dumps(self.budget)}: one positive share of --max-minutes "
+                                  f"per stage, {n} in all")
+            self.budget = [float(b) for b in budget]
         for k, cfg in enumerate(self.configs, 1):
             j = stage_marker(cfg.init_from)
             if j is not None and j >= k:
