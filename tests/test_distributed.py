@@ -98,6 +98,10 @@ METHOD_ARGS = {
              "--set", 'method_args={"tasks": "loop"}'],
     "maml-vmap": ["maml", "--meta-batch", "4", "--backbone-args", '{"hidden": 16}',
                   "--set", 'method_args={"tasks": "vmap"}'],
+    "r2d2": ["r2d2", "--meta-batch", "4"],
+    # batch norm over groups of 2 examples: each process normalises whole groups
+    "baseline": ["baseline", "--batch-size", "8", "--meta-batch", "2", "--set",
+                 'method_args={"classifier": "cosine", "norm_batch": 2, "head": "prototype"}'],
 }
 
 
@@ -105,14 +109,16 @@ METHOD_ARGS = {
 def test_two_processes_train_as_one(method: str, folder: Path, tmp_path: Path) -> None:
     """Matching's FCE LSTMs run batched over each process's episodes, and the matrix kernels round
     differently at another batch size; Adam's normalised steps amplify that rounding in the weights with
-    the smallest gradients, so its weights agree to 1e-4 and its test losses to 1e-2."""
+    the smallest gradients, so its weights agree to 1e-4 and its test losses to 1e-2. R2D2's solve and
+    the baseline's scaled cosines (logits x10) carry the weights' 1e-5 into test losses that agree to 1e-2."""
     args = ["train", *METHOD_ARGS[method], "--task", "folder", "--data-dir", str(folder), "--no-progress",
             "--ways", "3", "--train-ways", "3", "--shots", "2", "--queries", "2", "--set", "train_queries=2",
             "--max-episodes", "6", "--val-every", "3", "--test-episodes", "8", "--set", "val_episodes=6",
             "--set", 'task_args={"image_size": 28}']
     _one([*args, "--run-dir", str(tmp_path / "one")])
     _torchrun(2, [*args, "--run-dir", str(tmp_path / "two")])
-    _assert_same(tmp_path / "one", tmp_path / "two", rtol=1e-4 if method == "matching" else 1e-5)
+    _assert_same(tmp_path / "one", tmp_path / "two",
+                 rtol=1e-4 if method in ("matching", "r2d2", "baseline") else 1e-5)
 
 
 def test_mann_two_processes_train_as_one(omniglot_dir: Path, tmp_path: Path) -> None:

@@ -90,7 +90,7 @@ def _train(model: nn.Module, world: World, batches: list[Batch]) -> None:
     for batch in batches:
         share = batch.share(world.rank, world.size)
         _forward(model, share)
-        stats.fold(share)
+        stats.fold(share.support.shape[0])
 
 
 def _running(model: nn.Module) -> list[torch.Tensor]:
@@ -123,7 +123,7 @@ def test_a_world_of_one_records_and_folds_nothing() -> None:
     stats = RunningStats(model, World())
     _forward(model, _batches(1)[0])
     before = [t.clone() for t in _running(model)]
-    stats.fold(_batches(1)[0])
+    stats.fold(_batches(1)[0].support.shape[0])
     assert all(not calls for calls in stats.calls.values())
     assert all(torch.equal(a, b) for a, b in zip(_running(model), before, strict=True))
 

@@ -202,12 +202,11 @@ class RunningStats:
         var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())])  # over all but the channels
         self.calls[module].append(torch.stack([mean, var]).float())
 
-    def fold(self, batch: Any) -> None:
-        """Replace the running statistics by the fold over every rank's share of the step's ``batch``."""
+    def fold(self, episodes: int) -> None:
+        """Replace the running statistics by the fold over every rank's share of the step, this rank's
+        ``episodes`` units (``Method.norm_units``: episodes, or groups of examples) of it."""
         if self.world.size == 1 or not self.before:
             return
-        # the episodes of this rank's batch: the leading dimension of its tensors
-        episodes = next(v for v in vars(batch).values() if isinstance(v, torch.Tensor)).shape[0]
         norms = [m for m in self.norms if self.calls[m]]
         local = [torch.stack(self.calls[m]) for m in norms]  # [calls, 2, C]: episode k's calls k-th
         ranks = self.world.all_gather(torch.cat([t.flatten() for t in local]))

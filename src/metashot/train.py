@@ -59,7 +59,8 @@ class Trainer:
         check_device(cfg.device)
         self.world = world or World.from_env(cfg.device)
         kinds = method_class(cfg).train_batches, method_class(cfg).test_batches
-        self.world.check_shares(cfg.per_step(kinds[0]), cfg.val_episodes, cfg.test_episodes, kind=kinds[0])
+        for kind in dict.fromkeys(kinds):  # the training batches, and the validation and test episodes
+            self.world.check_shares(cfg.per_step(kind), cfg.val_episodes, cfg.test_episodes, kind=kind)
         self.folder.writer = self.world.writer
         self.show_progress = progress and self.world.writer
         self.device = self.world.device(cfg.device)
@@ -186,7 +187,7 @@ class Trainer:
             self.method.parameters(), [float(self.signals.pending or 0), float(self._time_is_up())])
         self.optimizer.step()
         self.scheduler.step()
-        self.running_stats.fold(batch)
+        self.running_stats.fold(self.method.norm_units(batch))
         p.add(loss, metrics[type(self.method).metric].mean())
         if signalled:  # this rank's signal, else another's
             self.stopped_by = self.signals.pending or signal.SIGTERM

@@ -88,12 +88,6 @@ def test_head_gives_log_probabilities(dtype: torch.dtype) -> None:
     assert torch.allclose(log_p.logsumexp(-1), torch.zeros(3, 7, dtype=dtype), atol=1e-5)
 
 
-def test_the_adjust_bias_cancels_in_the_softmax() -> None:
-    support, labels, query = _task(2, 5, 6, 5)
-    out = [RidgeHead(bias=b).double()(query, support, labels, 5) for b in (0.0, 4.0)]
-    assert torch.allclose(out[0], out[1], atol=1e-12)
-
-
 @pytest.mark.parametrize("shots, d", [(1, 8), (3, 4)])
 def test_gradients_match_finite_differences(shots: int, d: int) -> None:
     support, labels, query = _task(2, 5 * shots, d, 5)
@@ -123,9 +117,9 @@ def test_float32_gradients_agree_with_float64() -> None:
 def test_lambda_is_positive_and_learned_unless_fixed() -> None:
     head = RidgeHead(lam=2.0)
     assert head.lam.item() == pytest.approx(2.0)
-    assert {name for name, _ in head.named_parameters()} == {"log_lam", "scale", "bias"}
+    assert {name for name, _ in head.named_parameters()} == {"log_lam", "scale"}
     fixed = RidgeHead(lam=2.0, learn_lambda=False)
-    assert {name for name, _ in fixed.named_parameters()} == {"scale", "bias"}
+    assert {name for name, _ in fixed.named_parameters()} == {"scale"}
     assert fixed.state_dict()["log_lam"].item() == pytest.approx(np.log(2.0))
     with pytest.raises(ValueError, match="ridge lam must be positive, got 0.0"):
         RidgeHead(lam=0.0)

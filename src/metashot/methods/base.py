@@ -63,6 +63,13 @@ class Method(nn.Module, ABC):
         """Weights of this method saved by an older metashot, renamed to today's keys (default: as given)."""
         return weights
 
+    def norm_units(self, batch: Any) -> int:
+        """The units (episodes, or groups of examples) of ``batch`` that batch norm normalises apart,
+        each with its own calls in turn: how many processes' statistics fold into one process's
+        (:class:`metashot.distributed.RunningStats`). Default: the batch's episodes, the leading
+        dimension of its tensors."""
+        return next(v for v in vars(batch).values() if isinstance(v, torch.Tensor)).shape[0]
+
     def on_step(self, step: int) -> None:
         """Called by the trainer before training step ``step`` (0-based, counting optimizer steps), for
         schedules that live inside a method (MAML++'s annealing). Default: nothing."""

@@ -10,6 +10,10 @@ head is fitted on each task's support features; the paper's is a new classifier 
 The base classes' mean feature is kept as a running average during training (the running mean of a
 batch norm without affine parameters over the detached features, so that many processes keep the one
 process's average): SimpleShot's CL2N head centres by it.
+
+Batch norm takes its statistics over the whole minibatch, or with ``norm_batch`` over groups of that
+many examples (examples k, k + G, k + 2G, ... of the G groups), so that N processes, each normalising its
+own groups, train exactly as one (``--batch-size`` over N a multiple of ``norm_batch``).
 """
 
 from __future__ import annotations
@@ -44,9 +48,12 @@ class Baseline(HeadMethod):
 
     def __init__(
         self, encoder: nn.Module, features: int, classes: int, head: nn.Module, kind: str = "linear",
-        scale: float = 10.0,
+        scale: float = 10.0, norm_batch: int | None = None,
     ) -> None:
         super().__init__(encoder, head)
+        if norm_batch is not None and norm_batch < 1:
+            raise ValueError(f"norm_batch must be at least 1, got {norm_batch}")
+        self.norm_batch = norm_batch
         args = {"scale": scale} if kind == "cosine" else {}
         self.classifier = classifier(kind, features, classes, **args)
         self.base_stats = nn.BatchNorm1d(features, affine=False, momentum=MEAN_MOMENTUM)
@@ -55,10 +62,10 @@ class Baseline(HeadMethod):
     def build(
         cls, info: TaskInfo, backbone: str | None = None, backbone_args: dict[str, Any] | None = None,
         hidden: int | None = None, classifier: str = "linear", scale: float = 10.0, head: str | None = None,
-        head_args: dict[str, Any] | None = None,
+        head_args: dict[str, Any] | None = None, norm_batch: int | None = None,
     ) -> Method:
         """``hidden``: the backbone's width; ``head`` (default: the classifier's kind, or the method's own)
-        a name in :data:`metashot.methods.HEADS`, built with ``head_args``."""
+        a name in :data:`metashot.methods.HEADS`, built with ``head_args``; ``norm_batch`` as above."""
         from metashot.methods import build_head
 
         if not info.train_classes:
@@ -68,16 +75,29 @@ class Baseline(HeadMethod):
         encoder = cls.build_backbone(info, backbone, backbone_args, hidden=hidden)
         name = head or cls.default_head[classifier]
         return cls(encoder, feature_size(encoder, info.input_shape), info.train_classes,
-                   build_head(name, **(head_args or {})), classifier, scale)
+                   build_head(name, **(head_args or {})), classifier, scale, norm_batch)
 
     def loss(self, batch: Examples) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Cross-entropy over the training classes; metrics per example [B]."""
-        z = self.features(batch.x)
-        if self.training:
-            self.base_stats(z.detach())  # only its running mean is kept
-        logits = self.classifier(z)
-        nll = F.cross_entropy(logits, batch.y, reduction="none")
-        return nll.mean(), {"loss": nll.detach(), "acc": (logits.argmax(-1) == batch.y).float()}
+        """Cross-entropy over the training classes; metrics per example [B] (group after group)."""
+        groups = self.norm_units(batch)
+        logits, labels = [], []
+        for k in range(groups):
+            z = self.features(batch.x[k::groups])
+            if self.training:
+                self.base_stats(z.detach())  # only its running mean is kept
+            logits.append(self.classifier(z))
+            labels.append(batch.y[k::groups])
+        logits, y = torch.cat(logits), torch.cat(labels)
+        nll = F.cross_entropy(logits, y, reduction="none")
+        return nll.mean(), {"loss": nll.detach(), "acc": (logits.argmax(-1) == y).float()}
+
+    def norm_units(self, batch: Examples) -> int:
+        if self.norm_batch is None:
+            return 1
+        if len(batch) % self.norm_batch:
+            raise ValueError(f"a batch of {len(batch)} examples does not split into norm_batch "
+                             f"{self.norm_batch}: pass a --batch-size (per process) that is a multiple")
+        return len(batch) // self.norm_batch
 
     @property
     def base_mean(self) -> torch.Tensor:

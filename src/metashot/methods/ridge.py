@@ -8,7 +8,8 @@ regressed onto one-hot targets Y [S, N] in closed form (Sec. 3.2),
 
 or, by the Woodbury identity, W = X^T (X X^T + lambda I)^-1 Y, an S x S system instead of a
 D x D one, the cheaper when S < D (few shots, wide features). The queries' logits are the "adjust"
-layer's alpha * X_q W + beta, and lambda, alpha and beta are meta-learned with the encoder.
+layer's alpha * X_q W + beta, and lambda and alpha are meta-learned with the encoder (beta, one scalar
+added to every class's logit, cancels in the softmax: it is left out).
 
 As in the official code (bertinetto/r2d2), the bias row of W is regularised with the rest, and X and Y
 are divided by sqrt(S), which is to say the data term is averaged over the support set:
@@ -56,20 +57,20 @@ def ridge_weights(
 
 class RidgeHead(Head):
     """R2-D2's base learner as a head: ridge regression of one-hot labels on the support features (with a
-    bias), then log_softmax(alpha * (X_q W + b) + beta) for the queries (Sec. 3.2).
+    bias), then log_softmax(alpha * (X_q W + b)) for the queries (Sec. 3.2).
 
     ``lam`` (lambda, kept positive as exp of a learned log, or a fixed buffer without ``learn_lambda``)
     multiplies S, the support size, as the official code's scaling of X and Y by 1 / sqrt(S) does.
-    alpha starts at 10 and beta at 0, the official code's inits for Omniglot and CIFAR-FS (1e-4 for
+    alpha starts at 10, the official code's init for Omniglot and CIFAR-FS (1e-4 for
     miniImageNet). lambda starts at 1, not its 50: lambda weighs against the features' squared norm,
     ~8,300 for its 96-192-384-512 network on 28 px Omniglot at init and ~100 for Conv4's 64 features,
-    so 1 keeps about its ratio on Conv4 (and trained fastest in short Omniglot runs). A scalar beta
-    shifts every class's logit alike, so the softmax cancels it (its gradient is 0 up to rounding, which
-    Adam's normalised steps turn into a harmless drift); it is the paper's adjust layer, kept as such.
+    so 1 keeps about its ratio on Conv4 (and trained fastest in short Omniglot runs). The paper's scalar
+    beta is left out: it shifts every class's logit alike, so its gradient is 0 but for rounding, which
+    Adam's normalised steps would turn into a drift that differs between 1 and N processes.
     """
 
     def __init__(
-        self, lam: float = 1.0, scale: float = 10.0, bias: float = 0.0, learn_lambda: bool = True
+        self, lam: float = 1.0, scale: float = 10.0, learn_lambda: bool = True
     ) -> None:
         super().__init__()
         if lam <= 0:
@@ -80,7 +81,6 @@ class RidgeHead(Head):
         else:
             self.register_buffer("log_lam", log_lam)
         self.scale = nn.Parameter(torch.tensor(float(scale)))
-        self.bias = nn.Parameter(torch.tensor(float(bias)))
 
     @property
     def lam(self) -> torch.Tensor:
@@ -93,7 +93,7 @@ class RidgeHead(Head):
         targets = F.one_hot(support_labels, ways).to(support.dtype)  # [B, S, N]
         w = ridge_weights(support, targets, self.lam * support.shape[1], bias=True)  # [B, D + 1, N]
         logits = query @ w[:, :-1] + w[:, -1:]
-        return (self.scale * logits + self.bias).log_softmax(-1)
+        return (self.scale * logits).log_softmax(-1)
 
 
 class R2D2(HeadMethod):
