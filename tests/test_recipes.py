@@ -16,7 +16,7 @@ from metashot.data.augment import AUGMENTS
 from metashot.data.tasks import TASKS, build_source
 from metashot.errors import ConfigError, RunFolderError
 from metashot.evaluate import Result
-from metashot.methods import build_method
+from metashot.methods import build_method, method_class
 from metashot.runs import summarize_runs
 
 TARGET = torch.tensor([1.0, -2.0, 0.5])
@@ -272,7 +272,7 @@ def test_every_preset_validates_names_its_recipe_and_builds(name: str, stage: in
     assert cfg.schedule in ("step", "multistep", "cosine", "constant")
     if cfg.task == "sinusoid":
         info = build_source(cfg).info
-    elif cfg.task == "omniglot-sequences":
+    elif method_class(cfg).train_batches == "sequences":
         string = cfg.task_args["labels"] == "string"
         info = SequenceTaskInfo((1, 20, 20), cfg.ways, cfg.ways, label_groups=5 if string else 1,
                                 label_values=5 if string else cfg.ways)

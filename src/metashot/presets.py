@@ -8,6 +8,7 @@ stage 1 first, or :class:`metashot.stages.Stages` (the same, with the shares of 
 from __future__ import annotations
 
 from metashot.config import Config, stage_marker
+from metashot.data.sequences import SequenceTask
 from metashot.data.tasks import TASKS
 from metashot.errors import ConfigError
 from metashot.pretrain_presets import PRETRAIN_DEFAULTS, PRETRAIN_PRESETS
@@ -134,7 +135,7 @@ def _omniglot_mann(classes: int, labels: str, memory: bool = True) -> Config:
     # is picked on all-step accuracy over 320 validation episodes; 1,000 test episodes, accuracy by
     # instance (acc_1 ... acc_10).
     return Config(
-        method="mann" if memory else "lstm", task="omniglot-sequences",
+        method="mann" if memory else "lstm", task="omniglot",
         method_args={"hidden": 200} | ({"slots": 128, "width": 40, "heads": 4} if memory else {}),
         task_args={"instances": 10, "labels": labels, "image_size": 20, "split": "random"},
         ways=classes, shots=1, meta_batch=16, steps=100_000 // 16, **MANN_OPTIMIZER, schedule="constant",
@@ -257,6 +258,8 @@ def describe(cfg: Config) -> str:
 
     shape = TASKS[cfg.task].shape(cfg)
     batch = f" in meta-batches of {cfg.meta_batch}" if cfg.meta_batch > 1 else ""
+    if method_class(cfg).train_batches == "sequences":
+        shape = SequenceTask.shape(cfg)
     if method_class(cfg).train_batches == "examples":
         shape = f"{cfg.ways}-way {cfg.shots}-shot at test, trained on every training class"
         batch = f" of {cfg.batch_size} examples"

@@ -109,7 +109,8 @@ class MANN(Method):
         **kwargs: Any,
     ) -> MANN:
         if not isinstance(info, SequenceTaskInfo):
-            raise ValueError("trains on sequence tasks (--task omniglot-sequences), not episodes")
+            raise ValueError("trains on sequence episodes, which this task source does not serve "
+                             "(--task omniglot does)")
         encoder = cls.build_backbone(info, backbone, backbone_args)
         size = math.prod(info.input_shape) if encoder is None else feature_size(encoder, info.input_shape)
         kwargs.setdefault("input_size", size)
