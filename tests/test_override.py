@@ -260,7 +260,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "folder": {"image_size": 6, "channels": 1, "fractions": [0.5, 0.3, 0.2], "small_classes": "drop"},
     "sinusoid": {},
 }
-IMAGE_SAMPLE = {"image_size": 32, "augment": "resized-crop", "normalize": False, "workers": 2,
+IMAGE_SAMPLE = {"image_size": 32, "augment": "resized-crop", "jitter": 0.2, "normalize": False, "workers": 2,
                 "pin_memory": True, "duplicates": "warn"}
 # per natural-image task: a layout, the (empty) files whose presence it is detected by, the task's own args
 IMAGE_SETS: dict[str, tuple[str, list[str], dict[str, Any]]] = {
@@ -281,6 +281,7 @@ def _image_set_arguments_taken(task: str, source: Any) -> None:
     assert (source.layout.name, source.image_size, source.workers, source.pin_memory) == (layout, 32, 2, True)
     assert source.duplicates == "warn"
     assert source.augment.kind == "resized-crop" and source.augment.mean is None  # normalize: false
+    assert source.augment.jitter == 0.2
     assert getattr(source, "download", False) is False
     assert {k: v for k, v in own.items() if k != "download"} == source.layout.key()
 

@@ -61,6 +61,7 @@ class ImageSetArgs(TypedDict, total=False):
     layout: str
     image_size: int
     augment: str
+    jitter: float
     normalize: bool
     workers: int
     pin_memory: bool | None

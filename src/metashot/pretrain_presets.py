@@ -15,8 +15,6 @@ IMAGE_SETS = ("miniimagenet", "tieredimagenet", "cifar-fs", "fc100", "cub")
 # training images per part, to turn the papers' epochs into steps
 TRAIN_IMAGES = {"miniimagenet": 38_400, "tieredimagenet": 448_695, "cifar-fs": 38_400, "fc100": 36_000,
                 "cub": 5_885}
-# the Omniglot train part of the random split: 1,028 characters x 4 rotations x 20 drawings
-OMNIGLOT_TRAIN_IMAGES = 1_028 * 4 * 20
 
 
 def epochs(task: str, n: float, batch: int) -> int:
@@ -51,7 +49,7 @@ def _closerlook(task: str, classifier: str, shots: int) -> Config:
 
 
 def _rfs(task: str, method: str, shots: int) -> Config:
-    # Tian et al. ECCV 2020 (BRIEF section 9): ResNet-12 pretrained on the training classes with SGD 0.05,
+    # Tian et al. ECCV 2020: ResNet-12 pretrained on the training classes with SGD 0.05,
     # momentum 0.9, weight decay 5e-4, batch 64, 100 epochs, x0.1 at epochs 60 and 80 (their
     # miniImageNet schedule, used here for every dataset), RandomCrop + jitter + flip; 600 test episodes.
     # RFS merges train and val for pretraining; here val picks the checkpoint. The same pretraining
@@ -88,12 +86,13 @@ def _omniglot_meta_baseline(ways: int, shots: int) -> Stages:
 
 def _image_meta_baseline(task: str, shots: int) -> Stages:
     # Stage 1, Classifier-Baseline (Sec. 4.1): ResNet-12, SGD 0.1, momentum 0.9, weight decay 5e-4,
-    # batch 128, 100 epochs, x0.1 at epoch 90, RandomResizedCrop + flip; stage 2 as _meta_stage with
-    # 5-way 15-query episodes, 4 per step, 20,000 steps.
+    # batch 128, 100 epochs, x0.1 at epoch 90, RandomResizedCrop + flip (no colour jitter); stage 2 as
+    # _meta_stage with 5-way 15-query episodes, 4 per step, 20,000 steps, the same augmentation.
     stage1 = Config(
         method="baseline", method_args={"classifier": "linear", "head": "prototype",
                                         "head_args": {"distance": "cosine"}},
-        task=task, task_args={"augment": "resized-crop"}, backbone="resnet12", ways=5, shots=shots,
+        task=task, task_args={"augment": "resized-crop", "jitter": 0.0}, backbone="resnet12", ways=5,
+        shots=shots,
         queries=15, batch_size=128, steps=epochs(task, 100, 128), optimizer="sgd", lr=0.1,
         weight_decay=5e-4, optimizer_args={"momentum": 0.9}, schedule="multistep",
         lr_milestones=[epochs(task, 90, 128)], lr_gamma=0.1, val_every=epochs(task, 5, 128),

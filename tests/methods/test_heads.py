@@ -171,3 +171,28 @@ def test_a_fine_tuning_head_scores_through_the_encoder_and_leaves_it_unchanged()
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
     with pytest.raises(ConfigError, match="finetune"):
         build_head("finetune", steps=-1)
+
+
+def test_bad_head_and_norm_batch_arguments_are_config_errors():
+    with pytest.raises(ConfigError, match="distance must be one of"):
+        build_head("prototype", distance="cos")
+    info = TaskInfo((1, 28, 28), 5, 5, train_classes=7)
+    with pytest.raises(ValueError, match="norm_batch must be at least 2"):
+        Baseline.build(info, backbone_args={"hidden": 8}, head="cl2n", norm_batch=1)
+    net = Baseline.build(info, backbone_args={"hidden": 8}, head="cl2n", norm_batch=4)
+    net.check_batch(8)
+    with pytest.raises(ConfigError, match="batch of 6 examples does not split into groups of norm_batch 4"):
+        net.check_batch(6)
+    assert CL2N([0.5, 1.0]).mean.tolist() == [0.5, 1.0]
+
+
+def test_norm_batch_normalises_interleaved_groups():
+    torch.manual_seed(0)
+    info = TaskInfo((1, 28, 28), 5, 5, train_classes=7)
+    net = Baseline.build(info, backbone_args={"hidden": 8}, head="cl2n", norm_batch=2)
+    batch = Examples(torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3]), torch.arange(4))
+    loss, _ = net.loss(batch)
+    torch.manual_seed(0)
+    ref = Baseline.build(info, backbone_args={"hidden": 8}, head="cl2n")
+    logits = torch.cat([ref.classifier(ref.encoder(batch.x[k::2])) for k in (0, 1)])
+    torch.testing.assert_close(loss, F.cross_entropy(logits, batch.y[[0, 2, 1, 3]]))

@@ -80,7 +80,8 @@ class ImageSetSource(FewShotSource):
     """A natural-image benchmark in ``data_dir``, in any of ``layouts`` (detected, or task_args' layout).
 
     task_args: layout ("auto" or a layout's name), image_size (the dataset's), augment (one of
-    :data:`~metashot.data.augment.AUGMENTS`, training episodes and examples only), normalize (true: the
+    :data:`~metashot.data.augment.AUGMENTS`, training episodes and examples only), jitter (its colour
+    jitter's strength, 0.4; 0 turns it off), normalize (true: the
     dataset's mean and std), workers (DataLoader worker processes, 0), pin_memory (null: when the device is
     CUDA), duplicates ("error", or "warn": an image found in two parts); a subclass adds its own in
     :meth:`_parse`.
@@ -102,6 +103,7 @@ class ImageSetSource(FewShotSource):
         self.image_size = int(args.pop("image_size", self.default_image_size))
         layout = args.pop("layout", "auto")
         kind = args.pop("augment", "none")
+        jitter = float(args.pop("jitter", 0.4))
         normalize = args.pop("normalize", True)
         self.workers = int(args.pop("workers", 0))
         self.pin_memory = args.pop("pin_memory", None)
@@ -116,7 +118,7 @@ class ImageSetSource(FewShotSource):
         if kind not in AUGMENTS:
             raise ValueError(f"augment must be one of {AUGMENTS}, got {kind!r}")
         padding = round(self.padding * self.image_size / self.default_image_size)
-        self.augment = Augment(kind, padding, mean=self.mean if normalize else None,
+        self.augment = Augment(kind, padding, jitter, mean=self.mean if normalize else None,
                                std=self.std if normalize else None)
         self.root = Path(cfg.data_dir).expanduser()
         self.layout = self._detect(layout)

@@ -70,6 +70,10 @@ class Method(nn.Module, ABC):
         dimension of its tensors."""
         return next(v for v in vars(batch).values() if isinstance(v, torch.Tensor)).shape[0]
 
+    def check_batch(self, size: int) -> None:
+        """A :class:`~metashot.errors.ConfigError` when this process's training batches of ``size`` (episodes
+        or examples) do not fit the method; called before training. Default: any size fits."""
+
     def on_step(self, step: int) -> None:
         """Called by the trainer before training step ``step`` (0-based, counting optimizer steps), for
         schedules that live inside a method (MAML++'s annealing). Default: nothing."""

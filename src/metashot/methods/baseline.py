@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metashot.batches import Episode, Examples, TaskInfo
+from metashot.errors import ConfigError
 from metashot.methods.base import Method
 from metashot.methods.heads import CL2N, HeadMethod, classifier, episode_metrics
 from metashot.nn.backbones import feature_size
@@ -51,8 +52,9 @@ class Baseline(HeadMethod):
         scale: float = 10.0, norm_batch: int | None = None,
     ) -> None:
         super().__init__(encoder, head)
-        if norm_batch is not None and norm_batch < 1:
-            raise ValueError(f"norm_batch must be at least 1, got {norm_batch}")
+        if norm_batch is not None and norm_batch < 2:
+            raise ValueError(f"norm_batch must be at least 2 (batch norm needs two examples), "
+                             f"got {norm_batch}")
         self.norm_batch = norm_batch
         args = {"scale": scale} if kind == "cosine" else {}
         self.classifier = classifier(kind, features, classes, **args)
@@ -92,12 +94,13 @@ class Baseline(HeadMethod):
         return nll.mean(), {"loss": nll.detach(), "acc": (logits.argmax(-1) == y).float()}
 
     def norm_units(self, batch: Examples) -> int:
-        if self.norm_batch is None:
-            return 1
-        if len(batch) % self.norm_batch:
-            raise ValueError(f"a batch of {len(batch)} examples does not split into norm_batch "
-                             f"{self.norm_batch}: pass a --batch-size (per process) that is a multiple")
-        return len(batch) // self.norm_batch
+        return 1 if self.norm_batch is None else len(batch) // self.norm_batch
+
+    def check_batch(self, size: int) -> None:
+        if self.norm_batch is not None and size % self.norm_batch:
+            raise ConfigError(f"a process's batch of {size} examples does not split into groups of "
+                              f"norm_batch {self.norm_batch}: pass a --batch-size whose share per process "
+                              "is a multiple")
 
     @property
     def base_mean(self) -> torch.Tensor:

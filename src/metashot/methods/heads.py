@@ -105,16 +105,16 @@ class CL2N(Head):
     log-probabilities are the log-softmax of minus its squared Euclidean distances to the class means.
     """
 
-    def __init__(self, mean: torch.Tensor | None = None) -> None:
+    def __init__(self, mean: torch.Tensor | list[float] | None = None) -> None:
         super().__init__()
-        self.mean = mean
+        self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32)
 
     def forward(
         self, query: torch.Tensor, support: torch.Tensor, support_labels: torch.Tensor, ways: int
     ) -> torch.Tensor:
         from metashot.methods.protonet import prototype_logits, prototypes
 
-        mean = support.mean(1, keepdim=True) if self.mean is None else self.mean.to(support.dtype)
+        mean = support.mean(1, keepdim=True) if self.mean is None else self.mean.to(support)
         support, query = F.normalize(support - mean, dim=-1), F.normalize(query - mean, dim=-1)
         return prototype_logits(query, prototypes(support, support_labels, ways)).log_softmax(-1)
 

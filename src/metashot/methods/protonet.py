@@ -21,6 +21,8 @@ from metashot.methods.base import Method
 from metashot.methods.heads import Head, HeadMethod
 from metashot.nn.backbones import make_backbone
 
+DISTANCES = ("euclidean", "cosine")
+
 
 def prototypes(support: torch.Tensor, support_labels: torch.Tensor, ways: int) -> torch.Tensor:
     """Class means: support [B, S, D], labels [B, S] -> [B, ways, D]."""
@@ -73,6 +75,8 @@ class PrototypeHead(Head):
         self, distance: str = "euclidean", temperature: float = 1.0, learn_scale: bool = False
     ) -> None:
         super().__init__()
+        if distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
         self.distance, self.temperature = distance, temperature
         self.scale = nn.Parameter(torch.tensor(1 / temperature)) if learn_scale else None
 
