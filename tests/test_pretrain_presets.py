@@ -67,7 +67,7 @@ def test_each_kind_of_preset_builds_and_steps(name: str) -> None:
 
 
 def test_the_rfs_schedule_is_60_and_80_of_100_epochs() -> None:
-    cfg = PRETRAIN_PRESETS["rfs-miniimagenet-resnet12-5w1s"]
+    cfg = PRETRAIN_PRESETS["rfs-miniimagenet-5w1s"]
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.batch_size) == ("sgd", 0.05, 5e-4, 64)
     assert cfg.optimizer_args == {"momentum": 0.9}
     assert cfg.steps == 100 * 38_400 // 64 and cfg.lr_milestones == [60 * 600, 80 * 600]

@@ -1,6 +1,9 @@
 """Presets of the methods with a supervised pretraining stage, and of R2D2: one named recipe per paper
 table cell, merged into :data:`metashot.presets.PRESETS`.
 
+A preset's name holds its network only where it is not the paper's own (the natural-image presets of
+rfs, simpleshot and meta-baseline are ResNet-12, as their papers; those of baseline are Conv4).
+
 The pretraining methods train on plain labelled minibatches of every training class (``batch_size``
 examples per step); their episode shape is only the test's. Steps count minibatches: an epoch of
 miniImageNet's 38,400 training images is 600 steps at batch 64.
@@ -136,10 +139,10 @@ PRETRAIN_PRESETS: dict[str, Config | Stages] = {
        for w, k in OMNIGLOT_CELLS},
     **{f"baseline-{d}-5w{k}s": _closerlook(d, "linear", k) for d in IMAGE_SETS for k in (1, 5)},
     **{f"baselinepp-{d}-5w{k}s": _closerlook(d, "cosine", k) for d in IMAGE_SETS for k in (1, 5)},
-    **{f"rfs-{d}-resnet12-5w{k}s": _rfs(d, "rfs", k) for d in IMAGE_SETS for k in (1, 5)},
-    **{f"simpleshot-{d}-resnet12-5w{k}s": _rfs(d, "simpleshot", k) for d in IMAGE_SETS for k in (1, 5)},
+    **{f"rfs-{d}-5w{k}s": _rfs(d, "rfs", k) for d in IMAGE_SETS for k in (1, 5)},
+    **{f"simpleshot-{d}-5w{k}s": _rfs(d, "simpleshot", k) for d in IMAGE_SETS for k in (1, 5)},
     **{f"meta-baseline-omniglot-{w}w{k}s": _omniglot_meta_baseline(w, k) for w, k in OMNIGLOT_CELLS},
-    **{f"meta-baseline-{d}-resnet12-5w{k}s": _image_meta_baseline(d, k) for d in IMAGE_SETS for k in (1, 5)},
+    **{f"meta-baseline-{d}-5w{k}s": _image_meta_baseline(d, k) for d in IMAGE_SETS for k in (1, 5)},
     **{f"r2d2-omniglot-{w}w{k}s": _omniglot_r2d2(w, k) for w, k in OMNIGLOT_CELLS},
     **{f"r2d2-{d}-5w{k}s": _image_r2d2(d, k) for d in ("cifar-fs", "miniimagenet") for k in (1, 5)},
 }
