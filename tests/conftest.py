@@ -94,3 +94,20 @@ def omniglot_small_dir(omniglot_source: Path, tmp_path_factory: pytest.TempPathF
 @pytest.fixture(scope="session")
 def omniglot_small(omniglot_small_dir: Path) -> Omniglot:
     return Omniglot.load(omniglot_small_dir, image_size=28)
+
+
+@pytest.fixture(scope="session")
+def patterns(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of 20 classes of 8 random 28 x 28 patterns, each class a noisy copy of its own pattern."""
+    import torch
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("patterns")
+    g = torch.Generator().manual_seed(0)
+    for c in range(20):
+        (root / f"c{c:02d}").mkdir()
+        base = torch.rand(28, 28, generator=g)
+        for i in range(8):
+            image = (base + 0.3 * torch.rand(28, 28, generator=g)).clamp(0, 1).mul(255).byte().numpy()
+            Image.fromarray(image).save(root / f"c{c:02d}" / f"{i}.png")
+    return root
