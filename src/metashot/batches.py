@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Self
 
 import torch
 
@@ -42,8 +43,19 @@ BATCH_KINDS = ("episodes", "sequences", "examples")
 :class:`Examples` (plain labelled minibatches over every class of the training part)."""
 
 
+class TensorBatch:
+    """A dataclass batch of tensors whose leading dimension is the batch: moved field by field, its
+    length that dimension."""
+
+    def to(self, device: torch.device | str) -> Self:
+        return type(self)(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
+
+    def __len__(self) -> int:
+        return getattr(self, fields(self)[0].name).shape[0]
+
+
 @dataclass
-class Examples:
+class Examples(TensorBatch):
     """A minibatch of labelled examples, for supervised pretraining on every training class.
 
     x: [B, C, H, W] float images; y: [B] class labels in 0..train_classes-1; index: [B] each example's
@@ -54,15 +66,9 @@ class Examples:
     y: torch.Tensor
     index: torch.Tensor
 
-    def to(self, device: torch.device | str) -> Examples:
-        return type(self)(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
 
 @dataclass
-class SequenceBatch:
+class SequenceBatch(TensorBatch):
     """B sequence episodes of T steps.
 
     x: [B, T, C, H, W] float images; y: [B, T] class labels (one-hot mode) or [B, T, 5] string
@@ -72,12 +78,6 @@ class SequenceBatch:
     x: torch.Tensor
     y: torch.Tensor
     instance: torch.Tensor
-
-    def to(self, device: torch.device | str) -> SequenceBatch:
-        return type(self)(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
 
 
 @dataclass

@@ -58,7 +58,7 @@ class Trainer:
         self.resume = resume
         check_device(cfg.device)
         self.world = world or World.from_env(cfg.device)
-        kinds = method_class(cfg).train_batches, method_class(cfg).test_batches
+        self.kinds = kinds = method_class(cfg).train_batches, method_class(cfg).test_batches
         for kind in dict.fromkeys(kinds):  # the training batches, and the validation and test episodes
             self.world.check_shares(cfg.per_step(kind), cfg.val_episodes, cfg.test_episodes, kind=kind)
         self.folder.writer = self.world.writer
@@ -81,7 +81,7 @@ class Trainer:
         self.logger = loggers.Loggers([])
 
     def _evaluate(self, part: str, episodes: int) -> Result:
-        loader = self.source.loader(part, episodes, seed=self.cfg.seed, kind=type(self.method).test_batches,
+        loader = self.source.loader(part, episodes, seed=self.cfg.seed, kind=self.kinds[1],
                                     **self.world.shard)
         return evaluate(self.method, loader, self.device, self.show_progress and part == "test",
                         gather=self.world.gather_episodes)
@@ -156,8 +156,7 @@ class Trainer:
         c, p = self.cfg, self.progress
         if p.step > 0 and (not p.rows or p.rows[-1]["step"] != p.step) and self._due():
             self._checkpoint(validate=True)  # a signal cut this step's validation short
-        kind = type(self.method).train_batches
-        per_step = c.per_step(kind)
+        kind, per_step = self.kinds[0], c.per_step(self.kinds[0])
         batches = () if self.finished else self.source.loader(
             "train", c.steps * per_step, seed=c.seed, start=p.step * per_step, kind=kind, **self.world.shard)
         t0 = time.perf_counter() - p.elapsed
@@ -226,8 +225,8 @@ class Trainer:
             self.signals.in_step = True
             self.method.train()
             loss, metric = p.averages(self.world)
-            per_step = self.cfg.per_step(type(self.method).train_batches)
-            p.add_row({"step": p.step, "episodes": p.step * per_step, "minutes": p.elapsed / 60,
+            items = p.step * self.cfg.per_step(self.kinds[0])  # episodes, or examples
+            p.add_row({"step": p.step, "episodes": items, "minutes": p.elapsed / 60,
                        "lr": self.scheduler.get_last_lr()[0], "train_loss": loss, "train_metric": metric,
                        "val_metric": val.mean, "val_ci95": val.ci})
             if p.improves(val.mean, type(self.method).maximize):
