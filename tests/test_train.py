@@ -15,10 +15,10 @@ from metashot import cli
 from metashot.config import Config
 from metashot.distributed import World
 from metashot.errors import CheckpointError, NonFiniteError, RunFolderError
-from metashot.evaluate import mean_ci
+from metashot.evaluate import evaluate, mean_ci
 from metashot.methods import METHODS
 from metashot.methods.base import Method
-from metashot.process import Interrupted, StopSignals
+from metashot.process import Interrupted, StopSignals, uninterrupted
 from metashot.progress import Progress
 from metashot.runs import evaluate_run, load_checkpoint, save_checkpoint
 from metashot.train import Trainer
@@ -213,3 +213,36 @@ def test_stop_signals_keep_one_within_a_step_and_raise_outside() -> None:
             os.kill(os.getpid(), signal.SIGTERM)
         assert outside.value.signum == signal.SIGTERM and outside.value.between_steps
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_uninterrupted_holds_a_signal_to_its_end_and_keeps_a_step_signal() -> None:
+    signals = StopSignals()
+    with signals, pytest.raises(Interrupted) as held:
+        with uninterrupted():
+            os.kill(os.getpid(), signal.SIGTERM)
+            reached = True  # the handler did not raise inside the block
+    assert reached and held.value.signum == signal.SIGTERM and held.value.between_steps
+    with signals:
+        signals.pending = signal.SIGINT  # a training step's signal, which its checkpoint acts on
+        with uninterrupted():
+            pass
+        assert signals.pending == signal.SIGINT and not signals.in_step
+    with uninterrupted():  # no handlers installed: nothing to hold
+        pass
+
+
+def test_a_signal_during_an_evaluation_episode_stops_at_its_end(tmp_path: Path) -> None:
+    trainer = Trainer(_sine(), tmp_path / "run", progress=False)
+    ends: list[int] = []
+    episode = trainer.method.evaluate
+
+    def signalled(batch: object) -> dict[str, torch.Tensor]:
+        os.kill(os.getpid(), signal.SIGTERM)
+        out = episode(batch)  # torch.func runs whole after the signal
+        ends.append(len(ends))
+        return out
+
+    trainer.method.evaluate = signalled
+    with StopSignals(), pytest.raises(Interrupted) as stop:
+        evaluate(trainer.method, trainer.source.loader("val", 5, seed=0, kind="episodes"))
+    assert ends == [0] and stop.value.signum == signal.SIGTERM

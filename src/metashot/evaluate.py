@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from metashot.methods.base import Method
+from metashot.process import uninterrupted
 
 
 def mean_ci(values: torch.Tensor) -> tuple[float, float]:
@@ -134,7 +135,9 @@ def evaluate(
     try:  # the bar is cleared however the loop ends, so a message after it starts its own line
         with tqdm(batches, desc="evaluate", disable=not progress, leave=False) as bar:
             for batch in bar:
-                for k, v in method.evaluate(batch.to(device)).items():
+                with uninterrupted():
+                    out = method.evaluate(batch.to(device))
+                for k, v in out.items():
                     values.setdefault(k, []).append(v.detach().float().reshape(-1).cpu())
     finally:
         method.train(was_training)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import signal
+from collections.abc import Iterator
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -41,6 +43,8 @@ class StopSignals:
     for the step's end to act on; one outside a step, or a second, raises :class:`Interrupted`. The
     previous handlers come back on leaving."""
 
+    active: ClassVar[StopSignals | None] = None  # the one whose handlers are installed
+
     def __init__(self) -> None:
         self.pending: int | None = None
         self.in_step = False
@@ -49,11 +53,13 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         self.pending, self.in_step = None, False
         self._previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        StopSignals.active = self
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
         self.in_step = False
+        StopSignals.active = None
         for s, handler in self._previous.items():
             signal.signal(s, handler)
 
@@ -61,3 +67,24 @@ class StopSignals:
         if self.pending is not None or not self.in_step:
             raise Interrupted(signum, between_steps=not self.in_step)
         self.pending = signum
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Hold a first stop signal until the ``with`` ends (one evaluation episode), then stop the work
+    with :class:`Interrupted`. An exception raised from a signal handler inside a ``torch.func`` transform
+    can leave functorch's interpreter stack corrupt (an internal assert instead of a clean stop). Within
+    a training step, whose end acts on the signal, or with no :class:`StopSignals` active, it does
+    nothing."""
+    stop = StopSignals.active
+    if stop is None or stop.in_step:
+        yield
+        return
+    held, stop.pending, stop.in_step = stop.pending, None, True  # a step's signal, already acted on
+    try:
+        yield
+    finally:
+        stop.in_step = False
+        signum, stop.pending = stop.pending, stop.pending or held
+    if signum is not None:
+        raise Interrupted(signum)

@@ -220,7 +220,7 @@ class Trainer:
         p.gather(self.world)  # also what a validation cut short saves
         best = None
         if validate:
-            self.signals.in_step = False  # a signal now interrupts the validation at once
+            self.signals.in_step = False  # a signal now stops the validation at its episode's end
             val = self.validate()
             self.signals.in_step = True
             self.method.train()
