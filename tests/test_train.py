@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from metashot import cli
+from metashot.batches import TaskInfo
 from metashot.config import Config
 from metashot.distributed import World
 from metashot.errors import CheckpointError, NonFiniteError, RunFolderError
 from metashot.evaluate import evaluate, mean_ci
-from metashot.methods import METHODS
+from metashot.methods import METHODS, build_method
 from metashot.methods.base import Method
 from metashot.process import Interrupted, StopSignals, uninterrupted
 from metashot.progress import Progress
@@ -246,3 +247,14 @@ def test_a_signal_during_an_evaluation_episode_stops_at_its_end(tmp_path: Path) 
     with StopSignals(), pytest.raises(Interrupted) as stop:
         evaluate(trainer.method, trainer.source.loader("val", 5, seed=0, kind="episodes"))
     assert ends == [0] and stop.value.signum == signal.SIGTERM
+
+
+def test_a_submodule_with_an_lr_scale_gets_its_share_of_the_rate(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, method="r2d2", lr=0.5)
+    method = build_method(cfg, TaskInfo((1, 28, 28), 5, 20))
+    method.encoder.lr_scale = 0.1
+    groups = method.param_groups(cfg.lr)
+    assert [id(p) for p in groups[0]["params"]] == [id(p) for p in method.head.parameters()]
+    assert [id(p) for p in groups[1]["params"]] == [id(p) for p in method.encoder.parameters()]
+    optimizer = cfg.make_optimizer(groups)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.5, 0.05])

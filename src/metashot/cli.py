@@ -1,4 +1,4 @@
-"""The metashot command: train, evaluate, presets, plot."""
+"""The metashot command: train, evaluate, data, embed, fit, predict, presets, summarize, plot."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, NoReturn
 
-from metashot import presets
+from metashot import cli_embed, cli_predict, presets
 from metashot.cli_train import config_from_args as config_from_args  # the API of `metashot train`'s options
 from metashot.cli_train import seed_list, train, train_seeds
 from metashot.config import field_types, option_name, options
@@ -121,7 +121,8 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
         description="Evaluate RUN_DIR's best checkpoint (else its last) on the test classes; a staged "
         "run's last stage.",
     )
-    p.add_argument("run_dir", type=Path, help="the run folder")
+    p.add_argument("run_dir", type=Path, nargs="?", help="the run folder (none with --features)")
+    cli_embed.add_evaluate_options(p)
     p.add_argument("--test-episodes", type=int, help="test episodes; default: the run's")
     p.add_argument("--ways", type=int, help="classes per test episode; default: the run's")
     p.add_argument("--shots", type=int, help="support examples per class; default: the run's")
@@ -154,12 +155,14 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="metashot", description="Meta-learning: train, evaluate, plot.")
+    p = _Parser(prog="metashot", description="Meta-learning: train, evaluate, classify own images, plot.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_parser(sub)
     _evaluate_parser(sub)
     _data_parser(sub)
+    cli_embed.add_parsers(sub)
+    cli_predict.add_parsers(sub)
     pp = sub.add_parser("presets", help="list the presets, or print one's config",
                         description="List the presets; with NAME, print that preset's whole config as JSON "
                         "(a staged preset's: the list of its stages' configs).")
@@ -274,6 +277,10 @@ def _train_command(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from metashot.runs import evaluate_run
 
+    if args.features is not None:
+        return cli_embed.evaluate_features(args)
+    if args.run_dir is None:
+        raise ConfigError("evaluate needs a run folder, or --features CACHE")
     _positive(args, "test_episodes", "ways", "shots")
     result = evaluate_run(args.run_dir, args.test_episodes, args.checkpoint, args.device,
                           not args.no_progress, args.ways, args.shots, args.trust_code, args.backbone,
@@ -297,7 +304,7 @@ def _data(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": _train_command, "evaluate": _evaluate, "data": _data, "presets": _presets,
             "summarize": _summarize, "plot": _plot, "plot-sinusoid": _plot_sinusoid,
-            "plot-instances": _plot_instances}
+            "plot-instances": _plot_instances, **cli_embed.COMMANDS, **cli_predict.COMMANDS}
 
 
 def _run(args: argparse.Namespace) -> int:

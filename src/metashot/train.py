@@ -71,7 +71,7 @@ class Trainer:
         if not (resume and self.folder.last.exists()):  # a fresh start; a resume's last.pt holds the weights
             self.cfg = cfg = init_weights(self.method, cfg)
         self.running_stats = RunningStats(self.method, self.world)
-        self.optimizer = cfg.make_optimizer(self.method.parameters())
+        self.optimizer = cfg.make_optimizer(self.method.param_groups(cfg.lr))
         self.scheduler = cfg.make_scheduler(self.optimizer)
         self.progress = Progress.start(self.world, self.device)
         self.out_of_time = False

@@ -32,6 +32,7 @@ from metashot.data.imagecache import Part, build_cache, fingerprint, load_cache,
 from metashot.data.rawbatches import IndexedEpisodes, collate_episodes, collate_examples
 from metashot.data.sources import PARTS, FewShotSource
 from metashot.errors import DataError
+from metashot.nn.backbones import is_pretrained
 
 DUPLICATES = ("error", "warn")  # what an image found in two parts is
 
@@ -81,10 +82,10 @@ class ImageSetSource(FewShotSource):
 
     task_args: layout ("auto" or a layout's name), image_size (the dataset's), augment (one of
     :data:`~metashot.data.augment.AUGMENTS`, training episodes and examples only), jitter (its colour
-    jitter's strength, 0.4; 0 turns it off), normalize (true: the
-    dataset's mean and std), workers (DataLoader worker processes, 0), pin_memory (null: when the device is
-    CUDA), duplicates ("error", or "warn": an image found in two parts); a subclass adds its own in
-    :meth:`_parse`.
+    jitter's strength, 0.4; 0 turns it off), normalize (the dataset's mean and std; by default true,
+    false with a pretrained backbone, which brings its own), workers (DataLoader worker processes, 0),
+    pin_memory (null: when the device is CUDA), duplicates ("error", or "warn": an image found in two
+    parts); a subclass adds its own in :meth:`_parse`.
     """
 
     name: ClassVar[str]
@@ -104,7 +105,7 @@ class ImageSetSource(FewShotSource):
         layout = args.pop("layout", "auto")
         kind = args.pop("augment", "none")
         jitter = float(args.pop("jitter", 0.4))
-        normalize = args.pop("normalize", True)
+        normalize = args.pop("normalize", not is_pretrained(cfg.backbone))
         self.workers = int(args.pop("workers", 0))
         self.pin_memory = args.pop("pin_memory", None)
         self.duplicates = args.pop("duplicates", "error")

@@ -63,6 +63,15 @@ class Method(nn.Module, ABC):
         """Weights of this method saved by an older metashot, renamed to today's keys (default: as given)."""
         return weights
 
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: every parameter at ``lr``, except those of a submodule with an
+        ``lr_scale`` (a fine-tuned pretrained backbone: P>M>F's lower backbone rate), at ``lr * lr_scale``."""
+        scaled = [(m, float(m.lr_scale)) for m in self.modules() if getattr(m, "lr_scale", None) is not None]
+        apart = {id(p) for m, _ in scaled for p in m.parameters()}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in apart]}]
+        groups += [{"params": list(m.parameters()), "lr": lr * scale} for m, scale in scaled]
+        return [g for g in groups if g["params"]]
+
     def norm_units(self, batch: Any) -> int:
         """The units (episodes, or groups of examples) of ``batch`` that batch norm normalises apart,
         each with its own calls in turn: how many processes' statistics fold into one process's

@@ -200,9 +200,18 @@ BACKBONES: dict[str, Factory] = {
 }
 
 
+PRETRAINED = ("hf:", "timm:")  # the prefixes of pretrained backbones by name (metashot.nn.pretrained)
+
+
+def is_pretrained(name: str | None) -> bool:
+    """Whether ``name`` names a pretrained backbone (``hf:ORG/NAME``, ``hf:/folder``, ``timm:NAME``), whose
+    own preprocessing replaces the dataset's normalisation."""
+    return name is not None and name.startswith(PRETRAINED)
+
+
 def is_factory_path(name: str | None) -> bool:
     """Whether ``name`` names a user's ``package.module:factory``, code to import, not a registry name."""
-    return name is not None and name not in BACKBONES and ":" in name
+    return name is not None and name not in BACKBONES and ":" in name and not is_pretrained(name)
 
 
 def _first_line(e: BaseException) -> str:
