@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,7 +31,7 @@ from metashot.data.examples import ExampleSet, example_loader
 from metashot.data.fewshot import FewShotDataset, episode_loader
 from metashot.data.imagecache import Part, build_cache, fingerprint, load_cache, locked
 from metashot.data.rawbatches import IndexedEpisodes, collate_episodes, collate_examples
-from metashot.data.sources import PARTS, FewShotSource
+from metashot.data.sources import PARTS, FewShotSource, read_files
 from metashot.errors import DataError
 from metashot.nn.backbones import is_pretrained
 
@@ -196,6 +197,16 @@ class ImageSetSource(FewShotSource):
         if not self._parts:
             self._load_all()
         return self._parts[part]
+
+    def decode_files(self, paths: Sequence[str | os.PathLike]) -> torch.Tensor:
+        """Image files decoded as the layouts decode theirs: RGB, Lanczos-resized to ``image_size``
+        (:func:`~metashot.data.images.read_images`), uint8 [M, 3, S, S]."""
+        return read_files(paths, self.image_size, 3)
+
+    def present(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images [M, 3, S, S] scaled to [0, 1] and normalised as every test episode is (the
+        augment's evaluation mode, on the images' device)."""
+        return self.augment.normalise(images.float().div(255))
 
     @property
     def _pin(self) -> bool:

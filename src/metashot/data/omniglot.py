@@ -16,7 +16,7 @@ import os
 import re
 import warnings
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -32,7 +32,7 @@ from metashot.config import Config
 from metashot.data.download import cache_path, default_root, digest, fetch, user_cache_dir
 from metashot.data.fewshot import FewShotDataset
 from metashot.data.sequences import SequenceTask
-from metashot.data.sources import FewShotSource
+from metashot.data.sources import FewShotSource, TaskSource
 from metashot.errors import DataError
 from metashot.io import atomic_write
 
@@ -188,6 +188,13 @@ def _decode(data: bytes, size: int) -> np.ndarray:
         return 255 - np.asarray(im, dtype=np.uint8)
 
 
+def _decode_file(path: Path, size: int) -> np.ndarray:
+    try:
+        return _decode(path.read_bytes(), size)
+    except Exception as e:  # PIL raises several types for a bad image
+        raise OmniglotError(f"{path}: image does not decode ({e})") from None
+
+
 def _read_zip(path: Path, size: int) -> dict[tuple[str, str], list[tuple[int, np.ndarray]]]:
     """Decode one zip into {(alphabet, character): [(drawer, image)]}."""
     found: dict[tuple[str, str], list[tuple[int, bytes]]] = {}
@@ -289,6 +296,14 @@ class OmniglotSource(FewShotSource):
             return self.sequences.info((1, self.image_size, self.image_size))
         return super().task_info(kind)
 
+    def decode_files(self, paths: Sequence[str | os.PathLike]) -> torch.Tensor:
+        """Image files decoded as the zips' are: greyscale, Lanczos-resized to ``image_size``, inverted
+        (ink 255): uint8 [M, 1, S, S]. An :class:`OmniglotError` naming a file that does not decode."""
+        size = self.image_size
+        images = [_decode_file(Path(p), size) for p in paths]
+        stacked = np.stack(images) if images else np.zeros((0, size, size), np.uint8)
+        return torch.from_numpy(stacked).unsqueeze(1)
+
     def loader(
         self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1,
         kind: str | None = None,
@@ -315,3 +330,8 @@ class OmniglotSequenceSource(OmniglotSource):
     @property
     def info(self) -> SequenceTaskInfo:
         return self.sequences.info((1, self.image_size, self.image_size))
+
+    # its test batches are sequences, not episodes of images: "omniglot" serves those
+    decode_files = TaskSource.decode_files
+    present = TaskSource.present
+    examples = TaskSource.examples

@@ -8,16 +8,21 @@ of ``world_size`` processes its share of every batch. Each source lives beside i
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
+
+import torch
 
 from metashot.batches import TaskInfo
 from metashot.config import Config
 from metashot.data.examples import ExampleSampler, ExampleSet, example_loader
 from metashot.data.fewshot import FewShotDataset, episode_loader
+from metashot.data.images import read_images
 from metashot.data.sampling import EpisodeSampler
-from metashot.errors import ConfigError
+from metashot.errors import ConfigError, DataError
 
 PARTS = ("train", "val", "test")
 
@@ -72,6 +77,27 @@ class TaskSource(ABC):
         return (f"{cfg.ways}-way {cfg.shots}-shot, trained {cfg.train_ways}-way "
                 f"with {cfg.train_queries} queries per class")
 
+    def decode_files(self, paths: Sequence[str | os.PathLike]) -> torch.Tensor:
+        """Image files decoded exactly as this task decoded its own images into its dataset (same size,
+        channels, resampling): [M, C, H, W] of the stored dtype. A :class:`DataError` naming a file that
+        does not decode; a :class:`ConfigError` for a task without image episodes."""
+        raise self.no_images()
+
+    def present(self, images: torch.Tensor) -> torch.Tensor:
+        """Stored images [M, C, H, W] as a test episode hands them to a method: float, scaled,
+        normalised, not augmented, on the images' device."""
+        raise self.no_images()
+
+    def examples(self, part: str, index: torch.Tensor) -> torch.Tensor:
+        """:meth:`present` of the images at flat indices ``index`` [M] of ``part``'s dataset:
+        [M, C, H, W]."""
+        raise self.no_images()
+
+    def no_images(self) -> ConfigError:
+        """The error of asking this task for images when its test episodes are not of images."""
+        return ConfigError(f"--task {self.cfg.task} has no images: its test batches are not episodes of "
+                           "images (take a task that has them: omniglot, folder, miniimagenet, ...)")
+
 
 class FewShotSource(TaskSource):
     """N-way K-shot episodes from classes split into train / val / test ``FewShotDataset``s, and the
@@ -97,6 +123,19 @@ class FewShotSource(TaskSource):
                            "images_per_class": [int(sizes.min()), int(sizes.max())] if len(sizes) else [0, 0]}
         return {"task": self.cfg.task, "root": self.cfg.data_dir,
                 "image_shape": list(self.dataset("test").image_shape), "parts": parts}
+
+    def decode_files(self, paths: Sequence[str | os.PathLike]) -> torch.Tensor:
+        """:meth:`TaskSource.decode_files`; here read by :func:`~metashot.data.images.read_images` at the
+        dataset's size and channels (uint8), as a folder of images is read."""
+        channels, size, _ = self.dataset("test").image_shape
+        return read_files(paths, size, channels)
+
+    def present(self, images: torch.Tensor) -> torch.Tensor:
+        """:meth:`TaskSource.present`; here uint8 scaled to [0, 1] (``FewShotDataset.gather``)."""
+        return images.float().div(255) if images.dtype == torch.uint8 else images.float()
+
+    def examples(self, part: str, index: torch.Tensor) -> torch.Tensor:
+        return self.present(self.dataset(part).flat[index])
 
     def episode_shape(self, part: str) -> tuple[int, int, int]:
         """Ways, shots and queries per class of ``part``'s episodes (training has its own)."""
@@ -137,3 +176,13 @@ class FewShotSource(TaskSource):
         sampler = self.example_sampler(part, examples, **stream)
         data = ExampleSet(self.dataset(part))
         return example_loader(data, sampler, self.cfg.batch_size, stream["world_size"])
+
+
+def read_files(paths: Sequence[str | os.PathLike], image_size: int, channels: int) -> torch.Tensor:
+    """Image files read by :func:`~metashot.data.images.read_images` as uint8 [M, channels, size, size];
+    a :class:`DataError` naming a file that does not decode."""
+    try:
+        images = read_images([Path(p) for p in paths], image_size, channels)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
