@@ -23,16 +23,21 @@ constructor argument and a ``method_args`` key:
   keeps only each second-order inner step's input parameters and recomputes the step in the backward
   pass (:func:`recomputed_step`), so the memory of the activations no longer grows with the inner steps;
   the meta-gradient prod_k (I - alpha H_k) grad L^query(theta_S) is the same. It runs in the loop only.
+  The recomputation replays the forward's random draws (dropout and DropBlock masks: the CPU generator
+  and the inputs' devices') and autocast state, then gives the caller's random state back, as
+  ``torch.utils.checkpoint`` with ``preserve_rng_state=True`` does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import get_device_states, set_device_states
 
 Params = dict[str, torch.Tensor]
 # floor of a non-final step's weight, times the number of steps (the authors' code: 0.03 / S)
@@ -113,8 +118,38 @@ def learned_rates(
     return None
 
 
+class _Replay:
+    """The random and autocast state of a forward pass, to run it again alike in the backward (as
+    ``torch.utils.checkpoint`` with ``preserve_rng_state=True``): the CPU generator, the generators of
+    the inputs' devices, and autocast's setting on the CPU and on that device type."""
+
+    def __init__(self, inputs: Sequence[torch.Tensor]) -> None:
+        types = [t.device.type for t in inputs if t.device.type != "cpu"]
+        # CUDA first, as torch.utils.checkpoint; with CPU inputs only, no device generator is touched
+        self.device_type = "cuda" if "cuda" in types or not types else types[0]
+        self.cpu_state = torch.get_rng_state()
+        self.devices, self.device_states = get_device_states(*inputs)  # none for CPU tensors
+        self.autocast = {t: (torch.is_autocast_enabled(t), torch.get_autocast_dtype(t))
+                         for t in dict.fromkeys(("cpu", self.device_type))
+                         if torch.amp.is_autocast_available(t)}
+        self.cache = torch.is_autocast_cache_enabled()
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        """Inside: the forward's state; after: the random state from before, so the replay draws
+        nothing from the caller's random stream."""
+        with torch.random.fork_rng(devices=self.devices, device_type=self.device_type), \
+                contextlib.ExitStack() as stack:
+            torch.set_rng_state(self.cpu_state)
+            set_device_states(self.devices, self.device_states, device_type=self.device_type)
+            for t, (enabled, dtype) in self.autocast.items():
+                stack.enter_context(torch.autocast(t, dtype=dtype, enabled=enabled, cache_enabled=self.cache))
+            yield
+
+
 class _Recomputed(torch.autograd.Function):
-    """outputs = fn(inputs), keeping only the inputs; the backward recomputes fn with a graph."""
+    """outputs = fn(inputs), keeping only the inputs; the backward recomputes fn with a graph, with the
+    forward's random draws and autocast state (:class:`_Replay`)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -123,7 +158,7 @@ class _Recomputed(torch.autograd.Function):
         buffers: list[torch.Tensor],
         *inputs: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        ctx.fn, ctx.buffers = fn, buffers  # type: ignore[attr-defined]
+        ctx.fn, ctx.buffers, ctx.replay = fn, buffers, _Replay(inputs)  # type: ignore[attr-defined]
         ctx.save_for_backward(*inputs)
         with torch.enable_grad():  # fn differentiates inside; its graph is dropped on return
             out = fn([t.detach().requires_grad_(t.requires_grad) for t in inputs], False)
@@ -135,7 +170,7 @@ class _Recomputed(torch.autograd.Function):
         needs = ctx.needs_input_grad[2:]  # type: ignore[attr-defined]
         inputs = [t.detach().requires_grad_(n) for t, n in zip(ctx.saved_tensors, needs)]  # type: ignore
         kept = [b.clone() for b in ctx.buffers]  # type: ignore[attr-defined]
-        with torch.enable_grad():
+        with torch.enable_grad(), ctx.replay():  # type: ignore[attr-defined]
             out = ctx.fn(inputs, True)  # type: ignore[attr-defined]
         wrt = [t for t in inputs if t.requires_grad]
         grads = iter(torch.autograd.grad(out, wrt, grad_out, allow_unused=True))
