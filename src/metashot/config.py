@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
+import os
 import re
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,10 +25,12 @@ from metashot.errors import ConfigError
 ADDED_FIELDS: dict[str, Any] = {
     "schedule": "step", "warmup": 0, "lr_min": 0.0, "optimizer": "adam", "optimizer_args": {},
     "weight_decay": 0.0, "split_seed": None, "backbone": None, "backbone_args": {}, "batch_size": 64,
-    "lr_milestones": [], "init_from": None, "init_prefix": "",
+    "lr_milestones": [], "init_from": None, "init_prefix": "", "precision": "fp32", "deterministic": False,
 }
 SCHEDULES = ("step", "multistep", "cosine", "constant")
 OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}
+# bf16 autocasts where the method allows it (Method.autocast_safe); bf16-all autocasts second-order MAML too
+PRECISIONS = ("fp32", "tf32", "bf16", "bf16-all")
 STAGE_MARKER = re.compile(r"stage:([1-9][0-9]*)")  # init_from "stage:K": stage K of the same staged recipe
 
 
@@ -116,7 +121,12 @@ class Config:
     test_episodes: int = option(1_000, "test episodes (the papers': 1000, MAML 600)")
     seed: int = option(0, "seed of the initialisation and the episodes")
     split_seed: int | None = option(0, "seed of the split of classes into train, validation and test")
-    device: str = option("cpu", "cpu, cuda, cuda:1, mps")
+    device: str = option("auto", "auto (this rank's GPU, else MPS, else CPU), cpu, cuda, cuda:1 or mps")
+    precision: str = option("fp32", "fp32; tf32 (fp32 with TF32 matmuls and convolutions on CUDA); bf16 "
+                            "(bfloat16 autocast of the forward and loss; second-order MAML stays fp32); "
+                            "bf16-all (second-order MAML too: its double backward in bfloat16 is unsafe)")
+    deterministic: bool = option(False, "deterministic CUDA kernels (torch.use_deterministic_algorithms, "
+                                 "cuBLAS workspace, cuDNN): what a bit-for-bit resume on a GPU needs")
     preset: str | None = None
 
     def __post_init__(self) -> None:
@@ -192,6 +202,8 @@ class Config:
                               f"{self.lr_milestones}")
         if self.schedule == "cosine" and self.lr_min >= self.lr:
             raise ConfigError(f"--lr-min ({self.lr_min:g}) must be below --lr ({self.lr:g}) to anneal to it")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         self.make_optimizer([torch.zeros(1, requires_grad=True)])
@@ -303,18 +315,77 @@ def check_types(data: dict[str, Any], source: str) -> None:
             )
 
 
-def check_device(name: str) -> torch.device:
-    """``name`` as a device this machine has, else :class:`ConfigError`."""
+def pick_device(name: str, cuda_count: int, mps: bool, local_rank: int = 0, local_size: int = 1) -> str:
+    """The device ``name`` (auto, cpu, cuda, cuda:N, mps) means for local rank ``local_rank`` of
+    ``local_size`` processes on a machine that shows each ``cuda_count`` GPUs and has MPS or not (``mps``).
+
+    auto is a GPU when there is one, else MPS, else the CPU. One process uses the CUDA index given. Of
+    several processes on a machine each takes its own GPU: cuda:0 where it sees exactly one (a scheduler's
+    ``--gpus-per-task=1``, or ranks sharing one over gloo), else cuda:LOCAL_RANK; more processes than the
+    GPUs shown, or a CUDA device where none is, is a :class:`ConfigError`.
+    """
+    if name == "auto":
+        name = "cuda" if cuda_count else "mps" if mps else "cpu"
+    device = torch.device(name)
+    if device.type == "mps" and not mps:
+        raise ConfigError(f"--device {name}: MPS is not available here; use --device auto or cpu")
+    if device.type != "cuda":
+        return str(device)
+    if not cuda_count or (local_size == 1 and (device.index or 0) >= cuda_count):
+        raise ConfigError(f"--device {name}: this machine has {cuda_count} CUDA device(s); use --device auto "
+                          "or cpu")
+    if local_size == 1:
+        return str(device)
+    if cuda_count == 1:
+        return "cuda:0"
+    if local_size > cuda_count:
+        raise ConfigError(f"--device {name}: {local_size} processes on this machine but it shows "
+                          f"{cuda_count} GPUs; start at most {cuda_count} per machine (torchrun "
+                          f"--nproc-per-node {cuda_count}) or show each process one GPU (SLURM "
+                          "--gpus-per-task=1)")
+    return f"cuda:{local_rank}"
+
+
+def check_device(name: str, local_rank: int = 0, local_size: int = 1) -> torch.device:
+    """``name`` as a device this machine has, for local rank ``local_rank`` of ``local_size`` processes
+    (:func:`pick_device`: auto resolved, a rank's own GPU), else :class:`ConfigError`."""
+    if name != "auto":
+        try:
+            device = torch.device(name)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"--device {name!r} is not a device; expected cpu, cuda, cuda:N or mps, or "
+                              "auto (the default)") from None
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise ConfigError(f"--device {name}: unsupported device type; expected auto, cpu, cuda, cuda:N "
+                              "or mps")
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return torch.device(pick_device(name, cuda_count, torch.backends.mps.is_available(), local_rank,
+                                    local_size))
+
+
+@contextlib.contextmanager
+def numerics(precision: str = "fp32", deterministic: bool = False) -> Iterator[None]:
+    """torch's numerics for a run, stated here rather than left to torch's defaults, restored on leaving.
+
+    TF32 matmuls and cuDNN convolutions only with ``precision`` "tf32" (fp32, and bf16's float32 parts, are
+    true float32: torch's own default lets cuDNN convolutions use TF32); ``cudnn.benchmark`` off (the
+    kernels it picks may differ between a run and its resume). ``deterministic``: deterministic kernels
+    (``torch.use_deterministic_algorithms``, an op without one is an error), cuBLAS's fixed workspace
+    (``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless set; read when cuBLAS starts) and ``cudnn.deterministic``.
+    """
+    b = torch.backends
+    saved = (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark, b.cudnn.deterministic,
+             torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    b.cuda.matmul.allow_tf32 = b.cudnn.allow_tf32 = precision == "tf32"
+    b.cudnn.benchmark = False
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        b.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True)
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {name!r} is not a device; expected cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (device.index or 0) >= count:
-            raise ConfigError(f"--device {name}: this machine has {count} CUDA device(s); use --device cpu")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"--device {name}: MPS is not available here; use --device cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"--device {name}: unsupported device type; expected cpu, cuda, cuda:N or mps")
-    return device
+        yield
+    finally:
+        b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark, b.cudnn.deterministic = saved[:4]
+        torch.use_deterministic_algorithms(saved[4])
+        if saved[5] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
