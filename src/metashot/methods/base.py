@@ -83,6 +83,12 @@ class Method(nn.Module, ABC):
         """A :class:`~metashot.errors.ConfigError` when this process's training batches of ``size`` (episodes
         or examples) do not fit the method; called before training. Default: any size fits."""
 
+    def autocast_safe(self) -> bool:
+        """Whether ``loss`` and ``evaluate`` may run under bfloat16 autocast (``--precision bf16``): False
+        where training differentiates through a gradient (second-order MAML), since a double backward in
+        reduced precision is unsafe; ``--precision bf16-all`` autocasts it anyway. Default True."""
+        return True
+
     def on_step(self, step: int) -> None:
         """Called by the trainer before training step ``step`` (0-based, counting optimizer steps), for
         schedules that live inside a method (MAML++'s annealing). Default: nothing."""

@@ -181,6 +181,11 @@ class MAML(Method):
     def on_step(self, step: int) -> None:
         self.train_step = step
 
+    def autocast_safe(self) -> bool:
+        """First order only (``first_order``): a second-order step (MAML++'s annealing included) keeps the
+        whole run in float32 under ``--precision bf16``."""
+        return self.first_order
+
     def meta_parameters(self) -> list[nn.Parameter]:
         """The parameters the meta-loss depends on: all but the model's batch-norm scales and shifts
         when per-step ones replace them."""
