@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from metashot.data import omniglot as omniglot_module
 from metashot.data.omniglot import ZIPS, Omniglot, OmniglotError, default_root, download, user_cache_dir
@@ -23,10 +24,14 @@ SMALL_CHARACTERS = 95
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark slow every test on the full Omniglot: on a fresh clone its fixtures decode all of it."""
+    """Mark slow every test on the full Omniglot: on a fresh clone its fixtures decode all of it. Skip
+    the tests marked ``cuda`` where torch sees no CUDA device."""
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is False here")
     for item in items:
         if FULL_SET_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
+            item.add_marker(no_cuda)
 
 
 @pytest.fixture(scope="session")

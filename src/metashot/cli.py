@@ -185,6 +185,8 @@ def parser() -> argparse.ArgumentParser:
     ps.add_argument("--episode", type=int, default=0, help="which test task")
     ps.add_argument("--shots", type=int, help="K support points (default: the run's test shots)")
     ps.add_argument("--steps", type=int, nargs="+", default=[1, 10], help="inner steps to draw")
+    ps.add_argument("--device", default="auto", help="where the model runs: auto (a GPU if there is one, "
+                    "else MPS, else the CPU), cpu, cuda, cuda:N or mps")
     _trust_code_option(ps)
     pi = sub.add_parser("plot-instances", help="test accuracy by instance (MANN/LSTM), one line per run",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -249,7 +251,7 @@ def _plot_sinusoid(args: argparse.Namespace) -> int:
     from metashot.plot import plot_sinusoid
 
     plot_sinusoid(stage_folder(args.run_dir), args.out, args.episode, args.shots, tuple(args.steps),
-                  trust_code=args.trust_code)
+                  trust_code=args.trust_code, device=args.device)
     print(args.out)
     return 0
 

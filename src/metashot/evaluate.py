@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
@@ -22,6 +23,23 @@ def mean_ci(values: torch.Tensor) -> tuple[float, float]:
     return v.mean().item(), 1.96 * v.std(correction=0).item() / math.sqrt(n)
 
 
+def autocast(method: Method, device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
+    """What ``method``'s forward and loss run in under ``precision`` (:data:`metashot.config.PRECISIONS`):
+    bfloat16 autocast on ``device``'s type for bf16 where the method allows it
+    (:meth:`~metashot.methods.base.Method.autocast_safe`) and for bf16-all, else nothing (float32). The
+    parameters, the optimizer and the gradients stay float32 either way."""
+    if precision == "bf16-all" or (precision == "bf16" and method.autocast_safe()):
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def peak_memory_mb(device: torch.device | str) -> float | None:
+    """``torch.cuda.max_memory_allocated`` on ``device`` in MiB (the peak since the last reset), or None
+    off CUDA."""
+    device = torch.device(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
 def _fmt(name: str, mean: float, ci: float) -> str:
     if name.startswith("acc"):
         return f"{100 * mean:.2f}% +- {100 * ci:.2f}%"
@@ -30,11 +48,13 @@ def _fmt(name: str, mean: float, ci: float) -> str:
 
 @dataclass
 class Result:
-    """Per-metric (mean, 95% half-width) over ``episodes`` test episodes; ``metric`` is the headline."""
+    """Per-metric (mean, 95% half-width) over ``episodes`` test episodes; ``metric`` is the headline;
+    ``max_memory_mb`` the peak GPU memory allocated (:func:`peak_memory_mb`; None off CUDA)."""
 
     metric: str
     episodes: int
     stats: dict[str, tuple[float, float]]
+    max_memory_mb: float | None = None
 
     @property
     def mean(self) -> float:
@@ -54,7 +74,9 @@ class Result:
         return "\n".join(f"{k:>16}  {_fmt(k, m, c)}" for k, (m, c) in self.stats.items())
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "mean": self.mean, "ci95": self.ci}
+        """Its fields (``max_memory_mb`` only where measured) and the headline's ``mean`` and ``ci95``."""
+        data = {k: v for k, v in asdict(self).items() if v is not None or k != "max_memory_mb"}
+        return {**data, "mean": self.mean, "ci95": self.ci}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -63,7 +85,7 @@ class Result:
     def from_dict(cls, data: dict[str, Any]) -> Result:
         """The result :meth:`to_dict` wrote (``result.json``)."""
         stats = {k: (float(m), float(c)) for k, (m, c) in data["stats"].items()}
-        return cls(data["metric"], int(data["episodes"]), stats)
+        return cls(data["metric"], int(data["episodes"]), stats, data.get("max_memory_mb"))
 
 
 @dataclass
@@ -121,11 +143,14 @@ def evaluate(
     device: torch.device | str = "cpu",
     progress: bool = False,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    precision: str = "fp32",
 ) -> Result:
     """Run ``method.evaluate`` over every batch and aggregate each per-episode metric.
 
     ``gather`` turns this process's per-episode values into every process's, in episode order, when the
-    episodes are sharded over processes (:meth:`metashot.distributed.World.gather_episodes`).
+    episodes are sharded over processes (:meth:`metashot.distributed.World.gather_episodes`). The
+    forward runs as training's under ``precision`` (:func:`autocast`); on CUDA the result holds the peak
+    memory since the last reset of its statistics.
     """
     from tqdm.auto import tqdm
 
@@ -135,7 +160,7 @@ def evaluate(
     try:  # the bar is cleared however the loop ends, so a message after it starts its own line
         with tqdm(batches, desc="evaluate", disable=not progress, leave=False) as bar:
             for batch in bar:
-                with uninterrupted():
+                with uninterrupted(), autocast(method, device, precision):
                     out = method.evaluate(batch.to(device))
                 for k, v in out.items():
                     values.setdefault(k, []).append(v.detach().float().reshape(-1).cpu())
@@ -145,4 +170,4 @@ def evaluate(
         raise ValueError("evaluation got no episodes")
     every = {k: torch.cat(v) if gather is None else gather(torch.cat(v)) for k, v in values.items()}
     stats = {k: mean_ci(v) for k, v in every.items()}
-    return Result(type(method).metric, len(every[type(method).metric]), stats)
+    return Result(type(method).metric, len(every[type(method).metric]), stats, peak_memory_mb(device))

@@ -37,13 +37,15 @@ def plot_sinusoid(
     steps: tuple[int, ...] = (1, 10),
     checkpoint: str = "best.pt",
     trust_code: bool = False,
+    device: str = "auto",
 ) -> None:
     """The MAML paper's sinusoid figure (Finn et al. 2017, fig. 2) for a trained ``maml-sinusoid`` run.
 
     Test task ``episode`` of the run's seed: the true function, its K support points (``shots``,
     default the run's test shots), and the model's prediction before adaptation and after each of
     ``steps`` inner steps on those points, drawn to the PNG ``out``. ``trust_code`` lets the run's
-    ``config.json`` choose a backbone factory to import.
+    ``config.json`` choose a backbone factory to import. The model runs on ``device`` (auto: a GPU if
+    there is one, else MPS, else the CPU), whatever the run trained on.
     """
     import matplotlib
 
@@ -51,6 +53,7 @@ def plot_sinusoid(
     import matplotlib.pyplot as plt
     import torch
 
+    from metashot.config import check_device
     from metashot.data.sinusoid import X_RANGE, SinusoidSampler
     from metashot.errors import ConfigError
     from metashot.runs import RunFolder
@@ -59,21 +62,23 @@ def plot_sinusoid(
     cfg = folder.load_config(trust_code)
     if cfg.task != "sinusoid" or cfg.method != "maml":
         raise ConfigError(f"{run_dir} is a {cfg.method} run on {cfg.task}, not maml on sinusoid")
-    _, method = folder.method(cfg, checkpoint)
+    on = check_device(device)
+    _, method = folder.method(cfg.replace(device=str(on)), checkpoint)
     method.eval()
     sampler = SinusoidSampler(shots or cfg.shots, 0, episode + 1, cfg.seed, "test")
     task, ep = sampler.task(episode), sampler.episode(episode)
     grid = torch.linspace(*X_RANGE, 400).unsqueeze(1)
-    curves: dict[int, torch.Tensor] = {}
+    curves: dict[int, torch.Tensor] = {}  # on the CPU, for matplotlib
 
     def record(step: int, params: dict[str, torch.Tensor]) -> None:
         if step == 0 or step in steps:
             with torch.no_grad():
-                curves[step] = method.forward(params, grid).squeeze(1)
+                curves[step] = method.forward(params, grid.to(on)).squeeze(1).cpu()
 
     params = {n: p.detach().requires_grad_(n in method.adapted) for n, p in method.params().items()}
     with torch.enable_grad():
-        method.adapt(params, ep.support, ep.support_labels, max(steps), create_graph=False, callback=record)
+        method.adapt(params, ep.support.to(on), ep.support_labels.to(on), max(steps), create_graph=False,
+                     callback=record)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(grid.squeeze(1), task(grid).squeeze(1), color="red", label="ground truth")

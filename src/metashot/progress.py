@@ -43,7 +43,7 @@ class Progress:
         """One more step, with this rank's training loss and metric (no host sync)."""
         self.step += 1
         self.since += 1
-        self.own_sums += torch.stack([loss.detach(), metric.detach()])
+        self.own_sums += torch.stack([loss.detach().float(), metric.detach().float()])  # bf16 under autocast
 
     def averages(self, world: World) -> list[float]:
         """The training loss and metric averaged over the steps since the last row and over the ranks."""

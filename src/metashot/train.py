@@ -19,11 +19,11 @@ import torch
 from tqdm.auto import tqdm
 
 from metashot import loggers
-from metashot.config import Config, check_device
+from metashot.config import Config, numerics
 from metashot.data.tasks import TaskSource, checked_source
 from metashot.distributed import RunningStats, World
 from metashot.errors import ConfigError, NonFiniteError
-from metashot.evaluate import Result, evaluate
+from metashot.evaluate import Result, autocast, evaluate, peak_memory_mb
 from metashot.init_from import init_weights
 from metashot.methods import build_method, method_class
 from metashot.methods.base import Method
@@ -56,14 +56,13 @@ class Trainer:
             raise ConfigError("a new run needs a config")
         self.cfg = cfg.validate()
         self.resume = resume
-        check_device(cfg.device)
         self.world = world or World.from_env(cfg.device)
         self.kinds = kinds = method_class(cfg).train_batches, method_class(cfg).test_batches
         for kind in dict.fromkeys(kinds):  # the training batches, and the validation and test episodes
             self.world.check_shares(cfg.per_step(kind), cfg.val_episodes, cfg.test_episodes, kind=kind)
         self.folder.writer = self.world.writer
         self.show_progress = progress and self.world.writer
-        self.device = self.world.device(cfg.device)
+        self.device = self.world.device(cfg.device)  # auto resolved, this rank's GPU
         torch.manual_seed(cfg.seed)
         self.source = source or self.world.first(lambda: checked_source(cfg, kinds))
         self.method = build_method(cfg, self.source.task_info(kinds[0])).to(self.device)
@@ -84,7 +83,7 @@ class Trainer:
         loader = self.source.loader(part, episodes, seed=self.cfg.seed, kind=self.kinds[1],
                                     **self.world.shard)
         return evaluate(self.method, loader, self.device, self.show_progress and part == "test",
-                        gather=self.world.gather_episodes)
+                        gather=self.world.gather_episodes, precision=self.cfg.precision)
 
     @property
     def run_dir(self) -> Path:
@@ -107,18 +106,25 @@ class Trainer:
         return self.step % self.cfg.val_every == 0 or self.finished
 
     def _state(self) -> dict[str, Any]:
+        """Everything to resume: the progress, weights, optimizer, schedule and the random states (the
+        CPU's, and the GPU's on CUDA: dropout and DropBlock draw there)."""
+        cuda = {"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}
         return {**self.progress.state(), "method": self.method.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": torch.get_rng_state()}
+                "rng": torch.get_rng_state(), **cuda}
 
     def _open(self) -> None:
         """Take the run folder, restore its last checkpoint if it has one, open the loggers."""
         if self.world.first(lambda: self.folder.open(self.cfg, self.resume)):
-            state = self.folder.load_last(self.device)
+            # read onto the CPU: the optimizer then puts each state where a fresh one keeps it (Adam's step
+            # counters on the CPU unless capturable or fused: on the GPU they cost host syncs every step)
+            state = self.folder.load_last("cpu")
             load_weights(self.method, state["method"], self.folder.last, self.folder.config_path)
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"].cpu())
+            torch.set_rng_state(state["rng"])
+            if self.device.type == "cuda" and "cuda_rng" in state:  # none in a checkpoint saved off CUDA
+                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
             self.progress = Progress.load(state, self.world, self.device)
             self.out_of_time = self._time_is_up()
             if self.progress.best is not None:
@@ -136,7 +142,7 @@ class Trainer:
         ``cfg.val_every``. SIGINT or SIGTERM saves ``last.pt`` at once and stops; ``--resume`` goes on."""
         try:
             self._open()
-            with self.signals:
+            with self.signals, numerics(self.cfg.precision, self.cfg.deterministic):
                 try:
                     self._train()
                 except Interrupted as e:
@@ -179,7 +185,8 @@ class Trainer:
         """One optimizer step on this rank's share of the meta-batch, with the others' mean gradient."""
         p = self.progress
         self.method.on_step(p.step)
-        loss, metrics = self.method.loss(batch.to(self.device))
+        with autocast(self.method, self.device, self.cfg.precision):
+            loss, metrics = self.method.loss(batch.to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         p.elapsed = time.perf_counter() - t0
@@ -200,7 +207,9 @@ class Trainer:
         tensors = {k: v for k, v in self.method.state_dict().items() if v.is_floating_point()}
         finite = torch.stack([v.isfinite().all() for v in tensors.values()] or [torch.tensor(True)])
         if math.isfinite(loss_avg) and bool(finite.all()):
-            bar.set_postfix(loss=f"{loss_avg:.3f}", **{type(self.method).metric: f"{metric_avg:.3f}"})
+            memory = peak_memory_mb(self.device)
+            bar.set_postfix(loss=f"{loss_avg:.3f}", **{type(self.method).metric: f"{metric_avg:.3f}"},
+                            **({} if memory is None else {"mem": f"{memory:.0f}MB"}))
             return
         bad = [k for k, v in tensors.items() if not v.isfinite().all()]
         names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
@@ -228,7 +237,7 @@ class Trainer:
             items = p.step * self.cfg.per_step(self.kinds[0])  # episodes, or examples
             p.add_row({"step": p.step, "episodes": items, "minutes": p.elapsed / 60,
                        "lr": self.scheduler.get_last_lr()[0], "train_loss": loss, "train_metric": metric,
-                       "val_metric": val.mean, "val_ci95": val.ci})
+                       "val_metric": val.mean, "val_ci95": val.ci, **self._memory()})
             if p.improves(val.mean, type(self.method).maximize):
                 self.best_weights = {k: v.detach().to("cpu", copy=True)
                                      for k, v in self.method.state_dict().items()}
@@ -237,13 +246,25 @@ class Trainer:
         if validate:
             self.logger.log(p.step, {k: v for k, v in p.rows[-1].items() if k != "step"})
 
+    def _memory(self) -> dict[str, float]:
+        """A metrics row's ``max_memory_mb`` on CUDA: the peak GPU memory allocated since the previous row
+        (then reset); nothing off CUDA."""
+        memory = peak_memory_mb(self.device)
+        if memory is None:
+            return {}
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return {"max_memory_mb": memory}
+
     def test(self, episodes: int | None = None) -> Result:
         """The best weights (else the last) on ``episodes`` (default ``cfg.test_episodes``) of the test part;
-        writes ``result.json``."""
+        writes ``result.json`` (on CUDA with the run's peak GPU memory: its rows' and the test's)."""
         if self.best_weights is not None:
             self.method.load_state_dict(self.best_weights)
-        with self.signals:
+        with self.signals, numerics(self.cfg.precision, self.cfg.deterministic):
             result = self._evaluate("test", episodes or self.cfg.test_episodes)
+        if result.max_memory_mb is not None:
+            rows = [r["max_memory_mb"] for r in self.progress.rows if "max_memory_mb" in r]
+            result.max_memory_mb = max([result.max_memory_mb, *rows])
         self.folder.write_result(result)
         return result
 
