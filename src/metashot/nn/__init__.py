@@ -3,11 +3,17 @@
 from metashot.nn.backbones import (
     BACKBONES,
     MLP,
+    PRETRAINED,
     Conv4,
     DropBlock,
     ResNet12,
     feature_size,
+    is_pretrained,
     make_backbone,
 )
+from metashot.nn.pretrained import Preprocessing, PretrainedBackbone, pretrained
 
-__all__ = ["BACKBONES", "Conv4", "DropBlock", "MLP", "ResNet12", "feature_size", "make_backbone"]
+__all__ = [
+    "BACKBONES", "PRETRAINED", "Conv4", "DropBlock", "MLP", "Preprocessing", "PretrainedBackbone", "ResNet12",
+    "feature_size", "is_pretrained", "make_backbone", "pretrained",
+]

@@ -1,12 +1,15 @@
 """Backbones: the networks that map examples to features, in one registry.
 
 :data:`BACKBONES` maps a name to a factory ``factory(input_shape, **args) -> nn.Module``; every method
-builds its network through :func:`make_backbone`, which also takes a user's ``package.module:factory``.
-A backbone maps [M, *input_shape] to features [M, D].
+builds its network through :func:`make_backbone`, which also takes a user's ``package.module:factory`` and
+a pretrained model by name (:data:`PRETRAINED` prefixes: ``hf:ORG/NAME``, ``hf:/folder``, ``timm:NAME``,
+built by :func:`metashot.nn.pretrained.pretrained` with backbone_args ``freeze``, ``lr_scale``, ``pool``,
+``revision``). A backbone maps [M, *input_shape] to features [M, D].
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import math
@@ -220,9 +223,13 @@ def _first_line(e: BaseException) -> str:
 
 
 def _resolve(name: str) -> Factory:
-    """The factory of a registry name or of ``package.module:factory``."""
+    """The factory of a registry name, a pretrained model's name or ``package.module:factory``."""
     if name in BACKBONES:
         return BACKBONES[name]
+    if is_pretrained(name):  # imported here: transformers and timm only when a pretrained one is built
+        from metashot.nn.pretrained import pretrained
+
+        return functools.partial(pretrained, name)
     if ":" not in name:
         raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}, "
                          "or a factory of one's own as package.module:factory")
@@ -242,9 +249,10 @@ def _resolve(name: str) -> Factory:
 
 
 def make_backbone(name: str, input_shape: tuple[int, ...], **args: object) -> nn.Module:
-    """The backbone ``name`` (a key of :data:`BACKBONES` or ``package.module:factory``) for examples of
-    ``input_shape`` (e.g. (1, 28, 28)), built as ``factory(input_shape, **args)``; ValueError when the
-    name, the arguments or the factory's result do not fit, or when a user's factory raises."""
+    """The backbone ``name`` (a key of :data:`BACKBONES`, a pretrained model's ``hf:``/``timm:`` name or
+    ``package.module:factory``) for examples of ``input_shape`` (e.g. (1, 28, 28)), built as
+    ``factory(input_shape, **args)``; ValueError (a pretrained one's ConfigError) when the name, the
+    arguments or the factory's result do not fit, or when a user's factory raises."""
     factory = _resolve(name)
     try:
         inspect.signature(factory).bind(input_shape, **args)
@@ -253,7 +261,7 @@ def make_backbone(name: str, input_shape: tuple[int, ...], **args: object) -> nn
     try:
         module = factory(input_shape, **args)
     except Exception as e:
-        if name in BACKBONES:  # metashot's own network: a bug keeps its traceback
+        if name in BACKBONES or is_pretrained(name):  # metashot's own code: its errors as they are
             raise
         raise ValueError(f"backbone factory {name!r} raised {_first_line(e)}") from e
     if not isinstance(module, nn.Module):
@@ -275,5 +283,6 @@ def feature_size(backbone: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 
 __all__ = [
-    "BACKBONES", "MLP", "Conv4", "DropBlock", "ResNet12", "feature_size", "make_backbone",
+    "BACKBONES", "MLP", "PRETRAINED", "Conv4", "DropBlock", "ResNet12", "feature_size", "is_pretrained",
+    "make_backbone",
 ]
