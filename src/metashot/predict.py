@@ -1,0 +1,563 @@
+"""A few-shot classifier of one's own images, by class name (``metashot fit`` / ``metashot predict``).
+
+Features come from a frozen pretrained backbone (``hf:ORG/NAME``, ``hf:/folder``, ``timm:NAME``: its own
+preprocessing) or from a trained metashot run's encoder (images decoded, resized and normalised as that
+run's task decoded its own: ``TaskSource.decode_files`` and ``present``). A head of
+:data:`metashot.methods.HEADS`, or the run's own, scores queries against the stored support features.
+Softmax over raw distances is nearly flat or needlessly peaked (easyfsl #69), so the head's
+log-probabilities are divided by a temperature T fitted at fit time by leave-one-out on the support set
+(temperature scaling, Guo et al. ICML 2017, Sec. 4.2, the left-out support images as its validation set).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from metashot.checkpoints import load_checkpoint, load_weights, serialized
+from metashot.errors import ConfigError, DataError
+
+FORMAT = 1  # classifier.json's format: another is refused, not guessed at
+CONFIG_FILE, TENSORS_FILE = "classifier.json", "tensors.pt"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+ImageLike = Union[str, os.PathLike, Image.Image, torch.Tensor]  # noqa: UP007 (a runtime alias, py3.10)
+
+
+class UncalibratedWarning(UserWarning):
+    """Probabilities of a classifier fitted on one image per class: no temperature could be fitted."""
+
+
+class Features(ABC):
+    """How images become features [M, D] on ``device``: :meth:`read` decodes one image, :meth:`embed`
+    maps a batch of decoded images to features. Tensors are taken as decoded already."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    @abstractmethod
+    def decode(self, image: str | os.PathLike | Image.Image) -> torch.Tensor:
+        """A file or PIL image decoded: [C, H, W]; ValueError or OSError when it does not decode."""
+
+    @abstractmethod
+    def check(self, image: torch.Tensor) -> None:
+        """A ConfigError when a decoded image [C, H, W] cannot be embedded."""
+
+    @abstractmethod
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoded images [M, C, H, W] -> features [M, D] on the device."""
+
+    @abstractmethod
+    def to_json(self) -> dict[str, Any]:
+        """What classifier.json records to build these features again."""
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The weights the classifier folder keeps (none for a hub model: the hub keeps them)."""
+        return {}
+
+    def own_head(self) -> nn.Module | None:
+        """The head these features were trained with, if any."""
+        return None
+
+    def read(self, image: ImageLike) -> torch.Tensor:
+        """One image decoded (a tensor [C, H, W] as given): a DataError naming what does not decode."""
+        if isinstance(image, torch.Tensor):
+            self.check(image)
+            return image
+        try:
+            return self.decode(image)
+        except DataError:
+            raise
+        except (ValueError, OSError) as e:
+            text = str(e)
+            raise DataError(text if str(image) in text else f"{image}: does not decode ({text})") from None
+
+
+class PretrainedFeatures(Features):
+    """A frozen pretrained backbone (:mod:`metashot.nn.pretrained`) by name: its pooled feature."""
+
+    def __init__(self, name: str, args: dict[str, Any], device: torch.device) -> None:
+        from metashot.nn.backbones import is_pretrained, make_backbone
+
+        super().__init__(device)
+        if not is_pretrained(name):
+            raise ConfigError(f"--backbone {name} is not a pretrained model: fit takes hf:ORG/NAME, "
+                              "hf:/saved/folder or timm:NAME, or --from-run RUN for a trained metashot run")
+        if args.get("freeze", True) is not True:
+            raise ConfigError(f"backbone_args {args}: a classifier's backbone stays frozen (freeze: true)")
+        self.name, self.args = name, dict(args)
+        try:
+            backbone = make_backbone(name, (3, 224, 224), **{**args, "freeze": True})
+        except ValueError as e:
+            raise ConfigError(f"--backbone {name}: not a model ({str(e).splitlines()[0]})") from None
+        self.backbone = backbone.to(device).eval()
+
+    def decode(self, image: str | os.PathLike | Image.Image) -> torch.Tensor:
+        return self.backbone.preprocessing.read(image)
+
+    def check(self, image: torch.Tensor) -> None:
+        if image.dim() != 3 or image.shape[0] not in (1, 3):
+            raise ConfigError(f"an image tensor for {self.name} is [C, H, W] with C 1 or 3, got "
+                              f"{tuple(image.shape)}")
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device)
+        return self.backbone(x.float().div(255) if x.dtype == torch.uint8 else x.float())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"backbone": self.name, "backbone_args": self.args, "reference": self.reference(),
+                "preprocessing": self.backbone.preprocessing.to_dict()}
+
+    def reference(self) -> Any:
+        return json.loads(json.dumps(self.backbone.reference()))  # as classifier.json holds it
+
+    @classmethod
+    def load(cls, saved: dict[str, Any], weights: dict[str, torch.Tensor], device: torch.device,
+             path: Path) -> PretrainedFeatures:
+        features = cls(saved["backbone"], saved["backbone_args"], device)
+        if features.reference() != saved["reference"]:
+            raise ConfigError(f"{path}: {saved['backbone']} is not the model the classifier was fitted with "
+                              "(its weights, config or preprocessing changed); fit it again")
+        return features
+
+
+class RunFeatures(Features):
+    """A trained metashot run's encoder (a :class:`~metashot.methods.heads.HeadMethod`), on images
+    decoded and presented as the run's task source does."""
+
+    def __init__(self, cfg: Any, info: Any, source: Any, method: nn.Module, device: torch.device) -> None:
+        from metashot.methods.heads import HeadMethod
+
+        super().__init__(device)
+        if not isinstance(method, HeadMethod):
+            raise ConfigError(f"a {cfg.method} run is not an encoder and a head; --from-run needs one "
+                              "(protonet, matching, r2d2, baseline, rfs, simpleshot, meta-baseline)")
+        self.cfg, self.info, self.source, self.method = cfg, info, source, method.eval()
+
+    @classmethod
+    def from_run(cls, run: str | os.PathLike, checkpoint: str, device: torch.device) -> RunFeatures:
+        from metashot.runs import RunFolder
+        from metashot.stages import stage_folder
+
+        folder = RunFolder(stage_folder(run))
+        cfg = folder.load_config()
+        cfg = cfg.replace(device=str(device)).validate()
+        source, method = folder.method(cfg, checkpoint)
+        return cls(cfg, source.task_info(type(method).train_batches), source, method, device)
+
+    @classmethod
+    def load(cls, saved: dict[str, Any], weights: dict[str, torch.Tensor], device: torch.device,
+             path: Path) -> RunFeatures:
+        from metashot.batches import TaskInfo
+        from metashot.config import Config
+        from metashot.data.tasks import build_source
+        from metashot.methods import build_method
+
+        cfg = Config.from_dict(saved["config"], f"{path / CONFIG_FILE}").replace(device=str(device))
+        info = TaskInfo(**{**saved["task_info"], "input_shape": tuple(saved["task_info"]["input_shape"])})
+        method = build_method(cfg, info).to(device)
+        load_weights(method, weights, path / TENSORS_FILE, path / CONFIG_FILE)
+        return cls(cfg, info, build_source(cfg), method, device)
+
+    def decode(self, image: str | os.PathLike | Image.Image) -> torch.Tensor:
+        if not isinstance(image, Image.Image):
+            return self.source.decode_files([Path(image)])[0]
+        with tempfile.TemporaryDirectory() as tmp:  # the run's task decodes files: one, losslessly
+            image.save(Path(tmp) / "image.png")
+            return self.source.decode_files([Path(tmp) / "image.png"])[0]
+
+    def check(self, image: torch.Tensor) -> None:
+        if tuple(image.shape) != tuple(self.info.input_shape):
+            raise ConfigError(f"an image tensor for a {self.cfg.task} run is {list(self.info.input_shape)}, "
+                              f"as its task stores them (decode_files), got {list(image.shape)}")
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.features(self.source.present(x.to(self.device)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": self.cfg.to_dict(), "task_info": dataclasses.asdict(self.info),
+                "preprocessing": {"task": self.cfg.task, "task_args": self.cfg.task_args,
+                                  "image_shape": list(self.info.input_shape)}}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.method.state_dict().items()}
+
+    def own_head(self) -> nn.Module:
+        return self.method.head
+
+
+def leave_one_out(
+    head: nn.Module, support: torch.Tensor, labels: torch.Tensor, ways: int, budget: int = 2**24
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each support image of a class of two or more scored by ``head`` against the support set without
+    it: log-probs [L, ways] and their labels [L]; None when no class has two. support [S, D], labels [S];
+    the episodes are batched, about ``budget`` support features at a time."""
+    s = len(labels)
+    left = (torch.bincount(labels, minlength=ways)[labels] >= 2).nonzero().squeeze(1)
+    if not len(left):
+        return None
+    rest = torch.arange(s).expand(s, s)[~torch.eye(s, dtype=torch.bool)].view(s, s - 1)[left]  # [L, S-1]
+    step = max(1, budget // ((s - 1) * support.shape[1]))
+    log_p = [head(support[i].unsqueeze(1), support[r], labels[r], ways)[:, 0]
+             for i, r in zip(left.split(step), rest.split(step))]
+    return torch.cat(log_p), labels[left]
+
+
+def fit_temperature(log_p: torch.Tensor, labels: torch.Tensor, iterations: int = 60) -> float:
+    """The T minimising the mean NLL of softmax(log_p / T) [L, N] at ``labels`` [L]: a grid over log T
+    spanning e^+-8 around the log-probs' own scale, then a golden-section search beside its best point
+    (the NLL is convex in 1 / T, so unimodal in log T). 1 when T changes nothing (all log-probs equal)."""
+    z = log_p.double()
+    z = z - z.amax(-1, keepdim=True)
+    gaps = z[z.isfinite() & (z < 0)]
+    if not len(gaps):
+        return 1.0
+
+    def nll(log_t: float) -> float:
+        return float(F.cross_entropy(z / torch.tensor(log_t, dtype=z.dtype).exp(), labels))
+
+    grid = (gaps.abs().mean().log() + torch.linspace(-8, 8, 65, dtype=z.dtype)).tolist()
+    best = min(range(len(grid)), key=lambda k: nll(grid[k]))
+    lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+    ratio = (5 ** 0.5 - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    for _ in range(iterations):
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = nll(b)
+    return float(torch.tensor((lo + hi) / 2).exp())
+
+
+def _items(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
+    """Images as a list: one path, PIL image or [C, H, W] tensor, a batch tensor [M, C, H, W], or a list."""
+    if isinstance(images, torch.Tensor):
+        return list(images.unbind()) if images.dim() == 4 else [images]
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        return [images]
+    return list(images)
+
+
+def embed_images(
+    features: Features, images: ImageLike | Sequence[ImageLike], batch_size: int = 64,
+    progress: bool = False, skip: Callable[[ImageLike, DataError], None] | None = None,
+) -> tuple[torch.Tensor, list[int]]:
+    """Features [M', D] of the images that decode, in batches of ``batch_size`` images of one shape, and
+    their indices. An image that does not decode is passed to ``skip`` with its error, or (None) raised."""
+    items = _items(images)
+    out, kept, batch = [], [], []
+
+    def flush() -> None:
+        if batch:
+            with torch.inference_mode():
+                out.append(features.embed(torch.stack(batch)).float())
+            batch.clear()
+
+    with tqdm(total=len(items), unit="image", disable=not progress or len(items) <= batch_size,
+              leave=False) as bar:
+        for i, item in enumerate(items):
+            try:
+                x = features.read(item)
+            except DataError as e:
+                if skip is None:
+                    raise
+                skip(item, e)
+            else:
+                if batch and (len(batch) == batch_size or batch[0].shape != x.shape):
+                    flush()
+                batch.append(x)
+                kept.append(i)
+            bar.update()
+        flush()
+    dim = out[0].shape[1] if out else 0
+    # cat outside inference mode: normal tensors, which a head fitting a classifier may train on
+    return (torch.cat(out) if out else torch.zeros(0, dim, device=features.device)), kept
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder``, any depth, sorted; hidden ones left out."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+class FewShotClassifier:
+    """Class names and probabilities of images, from a support set of labelled images.
+
+    ``features``: how images become features; ``head``: a head of :data:`metashot.methods.HEADS` (query
+    [B, Q, D], support [B, S, D], labels [B, S], ways -> log-probs [B, Q, N]) named ``head_name`` with
+    ``head_args`` (None: the run's own); ``support`` [S, D] and ``labels`` [S] in 0..N-1 of ``classes``;
+    probabilities are softmax(log-probs / ``temperature``); ``threshold``: predict's default; ``seed``
+    seeds the head's random numbers on every call.
+    """
+
+    def __init__(
+        self, features: Features, head: nn.Module, head_name: str | None, head_args: dict[str, Any],
+        classes: list[str], support: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+        calibrated: bool = False, threshold: float = 0.0, seed: int = 0,
+    ) -> None:
+        self.features, self.head = features, head.to(features.device).eval()
+        self.head_name, self.head_args, self.classes = head_name, dict(head_args), list(classes)
+        self.support, self.labels = support.to(features.device), labels.to(features.device)
+        self.temperature, self.calibrated = float(temperature), calibrated
+        self.threshold, self.seed = _threshold(threshold), seed
+        self._warned = False
+
+    @classmethod
+    def fit(
+        cls, support: ImageLike | Sequence[ImageLike], labels_or_names: Sequence[str | int] | torch.Tensor,
+        backbone: str | None = None, backbone_args: dict[str, Any] | None = None, head: str | None = None,
+        head_args: dict[str, Any] | None = None, from_run: str | os.PathLike | None = None,
+        checkpoint: str = "best.pt", device: str | None = None, threshold: float = 0.0, seed: int = 0,
+        batch_size: int = 64, progress: bool = False,
+    ) -> FewShotClassifier:
+        """Fit on support images (paths, PIL images, tensors as :meth:`predict` takes them) labelled by
+        class names (or integers, named by their decimal digits), with the features of the pretrained
+        ``backbone`` or of the run folder ``from_run`` (its ``checkpoint``); ``head`` (None: the run's
+        own, for a backbone "prototype") with ``head_args``; the temperature by :func:`leave_one_out`."""
+        items = _items(support)
+        names = [str(v) for v in (labels_or_names.tolist() if isinstance(labels_or_names, torch.Tensor)
+                                  else labels_or_names)]
+        if len(names) != len(items):
+            raise ConfigError(f"{len(items)} support images but {len(names)} labels; give one per image")
+        classes = sorted(set(names))
+        if len(classes) < 2:
+            raise ConfigError(f"the support set holds {len(classes)} class{'es' if not classes else ''} "
+                              f"{classes}; a classifier needs at least 2")
+        dev = _device(device)
+        features = _features(backbone, backbone_args, from_run, checkpoint, dev)
+        head_module, head_name, head_args = _head(head, head_args, features)
+        z, _ = embed_images(features, items, batch_size, progress)
+        labels = torch.tensor([classes.index(n) for n in names], device=dev)
+        clf = cls(features, head_module, head_name, head_args, classes, z, labels, threshold=threshold,
+                  seed=seed)
+        with clf._seeded(), torch.no_grad():
+            scored = leave_one_out(clf.head, z, labels, len(classes))
+        if scored is not None:
+            clf.temperature, clf.calibrated = fit_temperature(*scored), True
+        return clf
+
+    @classmethod
+    def from_folder(cls, support_dir: str | os.PathLike, **kwargs: Any) -> FewShotClassifier:
+        """:meth:`fit` on a folder of class sub-folders of images, the sub-folders' names the classes."""
+        root = Path(support_dir)
+        if not root.is_dir():
+            raise DataError(f"{root}: no such folder (expected a folder of class sub-folders of images)")
+        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        files = {f.name: image_files(f) for f in folders}
+        if empty := [name for name, fs in files.items() if not fs]:
+            raise DataError(f"{root / empty[0]}: an empty class folder (no {', '.join(IMAGE_SUFFIXES)} "
+                            "images); put the class's images in it or remove it")
+        return cls.fit([f for fs in files.values() for f in fs],
+                       [name for name, fs in files.items() for _ in fs], **kwargs)
+
+    @property
+    def images_per_class(self) -> list[int]:
+        return torch.bincount(self.labels, minlength=len(self.classes)).tolist()
+
+    def log_probs(self, z: torch.Tensor) -> torch.Tensor:
+        """Calibrated log-probabilities [M, N] of features [M, D], in one head call."""
+        if not self.calibrated and not self._warned:
+            self._warned = True
+            warnings.warn("the classifier was fitted on one image per class, so its probabilities are "
+                          "not calibrated (temperature 1); give 2 or more images of a class to calibrate",
+                          UncalibratedWarning, stacklevel=3)
+        if not len(z):
+            return z.new_zeros(0, len(self.classes))
+        with self._seeded(), torch.no_grad():  # not inference mode: a fitting head trains inside
+            log_p = self.head(z[None].to(self.support), self.support[None], self.labels[None],
+                              len(self.classes))[0]
+        return (log_p / self.temperature).log_softmax(-1)
+
+    def predict_proba(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 64,
+                      progress: bool = False) -> torch.Tensor:
+        """Probabilities [M, N] of the classes (in :attr:`classes`' order) of the images."""
+        return self.log_probs(embed_images(self.features, images, batch_size, progress)[0]).exp()
+
+    def predict(
+        self, images: ImageLike | Sequence[ImageLike], top_k: int = 1, threshold: float | None = None,
+        batch_size: int = 64, progress: bool = False,
+    ) -> tuple[list[Any], torch.Tensor]:
+        """Each image's class name and its probability. Images: paths, PIL images, or tensors [C, H, W]
+        (a batch [M, C, H, W]) taken as decoded: float in [0, 1] or uint8 for a pretrained backbone (any
+        size), for a run its task's stored images (an Omniglot run's: 28 x 28, inverted, uint8).
+
+        Returns names (per image its class with ``top_k=1``, else the list of its ``top_k`` best; None,
+        "none of these", where the best probability is under ``threshold``, default the fitted one) and
+        probabilities [M, top_k], best first."""
+        return self.decide(self.predict_proba(images, batch_size, progress), top_k, threshold)
+
+    def decide(self, probabilities: torch.Tensor, top_k: int = 1,
+               threshold: float | None = None) -> tuple[list[Any], torch.Tensor]:
+        """:meth:`predict`'s answer from probabilities [M, N]."""
+        if top_k < 1:
+            raise ConfigError(f"--top-k must be at least 1, got {top_k}")
+        threshold = self.threshold if threshold is None else _threshold(threshold)
+        p, idx = probabilities.topk(min(top_k, len(self.classes)), dim=-1)
+        names: list[Any] = []
+        for row, best in zip(idx.tolist(), p[:, 0].tolist()):
+            top = [self.classes[i] for i in row]
+            names.append(None if best < threshold else top[0] if top_k == 1 else top)
+        return names, p
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the classifier folder ``path``: classifier.json and tensors.pt, whole or not at all."""
+        import metashot
+
+        config = {
+            "format": FORMAT, "metashot": metashot.__version__, "classes": self.classes,
+            "images_per_class": self.images_per_class,
+            "features": {"kind": type(self.features).__name__, **self.features.to_json()},
+            "head": self.head_name, "head_args": self.head_args, "seed": self.seed,
+            "temperature": self.temperature, "calibrated": self.calibrated, "threshold": self.threshold,
+        }
+        tensors = {"method": self.features.weights(), "support": self.support.cpu(),
+                   "labels": self.labels.cpu()}
+        write_folder(Path(path), {CONFIG_FILE: (json.dumps(config, indent=2) + "\n").encode(),
+                                  TENSORS_FILE: _bytes(tensors)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | None = None) -> FewShotClassifier:
+        """The classifier saved in folder ``path``, on ``device`` (default: CUDA if there is one)."""
+        path = Path(path)
+        saved = read_config(path)
+        state = load_checkpoint(path / TENSORS_FILE)
+        dev = _device(device)
+        kinds = {k.__name__: k for k in (PretrainedFeatures, RunFeatures)}
+        features = kinds[saved["features"]["kind"]].load(saved["features"], state["method"], dev, path)
+        head, _, _ = _head(saved["head"], saved["head_args"], features)
+        return cls(features, head, saved["head"], saved["head_args"], saved["classes"], state["support"],
+                   state["labels"], saved["temperature"], saved["calibrated"], saved["threshold"],
+                   saved["seed"])
+
+    @contextmanager
+    def _seeded(self) -> Iterator[None]:
+        """The head's random numbers drawn from ``seed``; the caller's own are left as they were."""
+        dev = self.features.device
+        with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            yield
+
+
+def _threshold(p: float) -> float:
+    if not 0 <= p <= 1:
+        raise ConfigError(f"--threshold is a probability in [0, 1], got {p}")
+    return float(p)
+
+
+def _device(name: str | None) -> torch.device:
+    from metashot.config import check_device
+
+    return check_device(name or "auto")
+
+
+def _features(backbone: str | None, backbone_args: dict[str, Any] | None, from_run: str | os.PathLike | None,
+              checkpoint: str, device: torch.device) -> Features:
+    if (backbone is None) == (from_run is None):
+        raise ConfigError("give a pretrained --backbone or a trained run (--from-run), one of the two")
+    if from_run is not None:
+        if backbone_args:
+            raise ConfigError("--backbone-args go with --backbone; a run's backbone is the run's own")
+        return RunFeatures.from_run(from_run, checkpoint, device)
+    return PretrainedFeatures(backbone, backbone_args or {}, device)
+
+
+def _head(name: str | None, args: dict[str, Any] | None, features: Features) -> tuple[nn.Module, str | None,
+                                                                                       dict[str, Any]]:
+    """The head ``name`` built with ``args``; None: the features' own head (a run's), else "prototype"."""
+    from metashot.methods import build_head
+    from metashot.methods.heads import EncoderHead
+
+    own = features.own_head() if name is None else None
+    if own is None and name is None:
+        name = "prototype"
+    if own is not None and args:
+        raise ConfigError("--head-args are the arguments of a --head; give --head NAME too")
+    head = own if own is not None else build_head(name, **(args or {}))
+    if isinstance(head, EncoderHead):
+        raise ConfigError(f"head {name or type(head).__name__} fine-tunes the encoder on each task's images; "
+                          "a classifier's head scores stored features (prototype, cl2n, linear, cosine, "
+                          "ridge, logistic)")
+    return head, name, dict(args or {})
+
+
+def _bytes(state: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    serialized(state)(buffer)
+    return buffer.getvalue()
+
+
+def write_folder(path: Path, files: dict[str, bytes]) -> None:
+    """The folder ``path`` holding exactly ``files``, written in a temporary folder beside it and renamed
+    into place: a classifier folder there before is replaced whole; any other folder is refused."""
+    check_out(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot write the classifier ({e.strerror or e})") from None
+    try:
+        for name, data in files.items():
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        if path.exists():  # a classifier folder (check_out): swapped out, then removed
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot write the classifier ({e.strerror or e}); nothing was "
+                          "half-written") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_out(path: Path) -> None:
+    """A ConfigError when ``path`` is a file or a folder with anything in it but a classifier."""
+    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / CONFIG_FILE).is_file())):
+        raise ConfigError(f"{path} exists and is not a classifier folder; choose another --out")
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A classifier folder's classifier.json, checked for its format."""
+    import metashot
+
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such classifier folder")
+    try:
+        saved = json.loads((path / CONFIG_FILE).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no {CONFIG_FILE}; not a classifier folder (`metashot fit` writes one)") \
+            from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path / CONFIG_FILE}: not valid JSON ({e})") from None
+    version = saved.get("format") if isinstance(saved, dict) else None
+    if version != FORMAT:
+        made = f" (by metashot {saved['metashot']})" if "metashot" in (saved or {}) else ""
+        raise ConfigError(f"{path}: a classifier of format {version}{made}; metashot {metashot.__version__} "
+                          f"reads format {FORMAT}: fit it again with this version")
+    return saved
