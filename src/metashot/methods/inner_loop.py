@@ -55,7 +55,9 @@ def msl_weights(step: int, steps: int, msl_steps: int) -> list[float] | None:
         v_i = max(1/S - t / (S T), 0.03 / S)                  i < S
         v_S = min(1/S + t (S - 1) / (S T), 1 - 0.03 (S - 1) / S)
 
-    uniform at t = 0; the weights sum to 1 (both clamps bind from t = 0.97 T on).
+    uniform at t = 0; the weights sum to 1 (both clamps bind from t = 0.97 T on). Python floats: each
+    scales its step's loss as a kernel argument, so no tensor is copied to the device for them (the
+    host-sync census, benchmarks/sync_census.py, checks the step).
     """
     if msl_steps <= 0 or step >= msl_steps:
         return None

@@ -53,6 +53,10 @@ class MANN(Method):
             reused for every chunk of the sequence: the step's many small operations are fused, and
             the compile time does not grow with the sequence. The first compile takes minutes
             (torch caches it on disk for later runs); the numbers in the README.
+        classes: the classes of every episode, when known (``build``: the task's): each is shown
+            T / classes times in T steps, so which "acc_n" exist is known from the batch's shape and
+            the step reads nothing back from the device; None: read from the batch's ``instance`` (one
+            host sync per step).
 
     Batches are :class:`~metashot.batches.SequenceBatch` (x [B, T, ...], y [B, T] or
     [B, T, G], instance [B, T]).
@@ -80,6 +84,7 @@ class MANN(Method):
         instances: tuple[int, ...] | list[int] = INSTANCES,
         encoder: nn.Module | None = None,
         compile: bool | str = False,
+        classes: int | None = None,
     ) -> None:
         super().__init__()
         if compile and not memory:
@@ -88,6 +93,9 @@ class MANN(Method):
         self.input_size, self.hidden = input_size, hidden
         self.label_groups, self.label_values = label_groups, label_values
         self.instances = tuple(instances)
+        if classes is not None and classes < 1:
+            raise ValueError(f"classes must be at least 1, got {classes}")
+        self.classes = classes
         label_size = label_groups * label_values
         self.memory = (
             LRUAMemory(hidden, slots, width, heads, gamma, write_key, strength) if memory else None
@@ -116,6 +124,7 @@ class MANN(Method):
         kwargs.setdefault("input_size", size)
         kwargs.setdefault("label_groups", info.label_groups)
         kwargs.setdefault("label_values", info.label_values or info.ways)
+        kwargs.setdefault("classes", info.ways)
         return cls(encoder=encoder, **kwargs)
 
     def inputs(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -191,8 +200,9 @@ class MANN(Method):
         y = batch.y.reshape(b, t, -1)
         ce = F.cross_entropy(logits.reshape(-1, self.label_values), y.reshape(-1), reduction="none")
         loss = ce.view(b, -1).sum(1).mean()
+        shown = t // self.classes if self.classes is not None else None
         with torch.no_grad():
-            return loss, accuracy_by_instance(logits.argmax(-1) == y, batch.instance, self.instances)
+            return loss, accuracy_by_instance(logits.argmax(-1) == y, batch.instance, self.instances, shown)
 
 
 class _RecurrentWeightGrad(torch.autograd.Function):
@@ -218,22 +228,29 @@ class _RecurrentWeightGrad(torch.autograd.Function):
 
 
 def accuracy_by_instance(
-    correct: torch.Tensor, instance: torch.Tensor, instances: tuple[int, ...] = INSTANCES
+    correct: torch.Tensor, instance: torch.Tensor, instances: tuple[int, ...] = INSTANCES,
+    shown: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-episode accuracy [B] overall ("acc") and at each n-th presentation ("acc_n").
 
     correct: [B, T] or [B, T, G] (a step is right when all G label characters are); instance: [B, T].
-    An "acc_n" is left out when no episode shows a class n times.
+    ``shown``: how many times every episode shows each of its classes, when known, giving "acc_n" for
+    n <= shown without a read from the device; None: an "acc_n" is left out unless every episode shows
+    a class n times (one host read for all n).
     """
     if correct.dim() == 3:
         correct = correct.all(-1)
     correct = correct.float()
     metrics = {"acc": correct.mean(1)}
-    for n in instances:
-        at = (instance == n).float()
-        count = at.sum(1)
-        if bool((count > 0).all()):
-            metrics[f"acc_{n}"] = (correct * at).sum(1) / count
+    at = [(instance == n).float() for n in instances]
+    counts = [a.sum(1) for a in at]
+    if shown is not None:
+        present = [n <= shown for n in instances]
+    else:
+        present = torch.stack([c > 0 for c in counts]).all(1).tolist() if counts else []
+    for n, a, count, p in zip(instances, at, counts, present):
+        if p:
+            metrics[f"acc_{n}"] = (correct * a).sum(1) / count
     return metrics
 
 
