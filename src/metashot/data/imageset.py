@@ -31,7 +31,7 @@ from metashot.data.examples import ExampleSet, example_loader
 from metashot.data.fewshot import FewShotDataset, episode_loader
 from metashot.data.imagecache import Part, build_cache, fingerprint, load_cache, locked
 from metashot.data.rawbatches import IndexedEpisodes, collate_episodes, collate_examples
-from metashot.data.sources import PARTS, FewShotSource, read_files
+from metashot.data.sources import PARTS, FewShotSource, class_key, read_files
 from metashot.errors import DataError
 from metashot.nn.backbones import is_pretrained
 
@@ -207,6 +207,13 @@ class ImageSetSource(FewShotSource):
         """uint8 images [M, 3, S, S] scaled to [0, 1] and normalised as every test episode is (the
         augment's evaluation mode, on the images' device)."""
         return self.augment.normalise(images.float().div(255))
+
+    def data_key(self, part: str) -> dict[str, Any]:
+        """:meth:`FewShotSource.data_key`: the decode-once cache's name (it carries the files' fingerprint,
+        the layout and the size), the classes, and the normalisation."""
+        a = self.augment
+        return {"images": self._cache(part)[0].name, "classes": class_key(self.dataset(part)),
+                "normalize": None if a.mean is None else [list(a.mean), list(a.std)]}
 
     @property
     def _pin(self) -> bool:

@@ -32,7 +32,7 @@ from metashot.config import Config
 from metashot.data.download import cache_path, default_root, digest, fetch, user_cache_dir
 from metashot.data.fewshot import FewShotDataset
 from metashot.data.sequences import SequenceTask
-from metashot.data.sources import FewShotSource, TaskSource
+from metashot.data.sources import FewShotSource, TaskSource, class_key
 from metashot.errors import DataError
 from metashot.io import atomic_write
 
@@ -99,8 +99,7 @@ class Omniglot:
                 missing = ", ".join(z.name for z in zips if not z.exists())
                 raise OmniglotError(f"{missing} not found in {root}")
             download(root, url_prefix, checksums)
-        key = hashlib.sha256("".join(digest(z, "sha256") for z in zips).encode()).hexdigest()[:16]
-        cache = cache_path(root, f"omniglot-{image_size}px-{key}.npz")
+        cache = cache_path(root, cache_name(zips, image_size))
         if cache.exists():
             try:
                 return cls._from_cache(cache)
@@ -180,6 +179,12 @@ class Omniglot:
             all_idx = torch.arange(n)
             return all_idx[mask], all_idx[~mask]
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def cache_name(zips: list[Path], image_size: int) -> str:
+    """The decode-once cache's file name: it carries the zips' digest and the size."""
+    key = hashlib.sha256("".join(digest(z, "sha256") for z in zips).encode()).hexdigest()[:16]
+    return f"omniglot-{image_size}px-{key}.npz"
 
 
 def _decode(data: bytes, size: int) -> np.ndarray:
@@ -303,6 +308,12 @@ class OmniglotSource(FewShotSource):
         images = [_decode_file(Path(p), size) for p in paths]
         stacked = np.stack(images) if images else np.zeros((0, size, size), np.uint8)
         return torch.from_numpy(stacked).unsqueeze(1)
+
+    def data_key(self, part: str) -> dict[str, Any]:
+        """:meth:`FewShotSource.data_key`: the decode-once cache's name (the zips' digest and the size) and
+        the part's classes."""
+        zips = [default_root(self.cfg.data_dir) / f"{name}.zip" for name in ZIPS]
+        return {"images": cache_name(zips, self.image_size), "classes": class_key(self.dataset(part))}
 
     def loader(
         self, part: str, episodes: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1,

@@ -8,6 +8,8 @@ of ``world_size`` processes its share of every batch. Each source lives beside i
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -137,6 +139,15 @@ class FewShotSource(TaskSource):
     def examples(self, part: str, index: torch.Tensor) -> torch.Tensor:
         return self.present(self.dataset(part).flat[index])
 
+    def data_key(self, part: str) -> dict[str, Any]:
+        """What identifies ``part``'s images as :meth:`examples` hands them out, for what is computed from
+        them (:mod:`~metashot.data.features`): here a hash of the pixels; and the classes' names and sizes."""
+        data = self.dataset(part)
+        pixels = hashlib.blake2b(digest_size=16)
+        for start in range(0, len(data), 1024):
+            pixels.update(data.flat[start:start + 1024].contiguous().numpy().tobytes())
+        return {"images": pixels.hexdigest(), "classes": class_key(data)}
+
     def episode_shape(self, part: str) -> tuple[int, int, int]:
         """Ways, shots and queries per class of ``part``'s episodes (training has its own)."""
         c = self.cfg
@@ -186,3 +197,9 @@ def read_files(paths: Sequence[str | os.PathLike], image_size: int, channels: in
     except ValueError as e:
         raise DataError(str(e)) from None
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
+def class_key(data: FewShotDataset) -> str:
+    """A hash of ``data``'s class names and sizes, in order."""
+    text = json.dumps([data.class_names, data.class_sizes.tolist()])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
