@@ -87,7 +87,8 @@ def _from_run(args: argparse.Namespace) -> tuple[nn.Module, FewShotSource]:
         raise ConfigError(f"--from-run embeds with the run's encoder on the run's task; leave out {given[0]}")
     folder = RunFolder(stage_folder(args.from_run), writer=False)
     cfg = folder.load_config(args.trust_code)
-    cfg = cfg.replace(device=args.device, **({"data_dir": args.data_dir} if args.data_dir else {}))
+    device = str(check_device(args.device))
+    cfg = cfg.replace(device=device, **({"data_dir": args.data_dir} if args.data_dir else {}))
     source, method = folder.method(cfg.validate())
     if not isinstance(method, HeadMethod):
         raise ConfigError(f"{args.from_run}: a {cfg.method} run has no encoder of images to embed with "

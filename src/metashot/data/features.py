@@ -16,11 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any
 
 import torch
@@ -110,7 +110,7 @@ class FeatureCache:
                 raise ValueError(f"format {meta['format']!r}")
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such feature cache (make one with `metashot embed`)") from None
-        except (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as e:
+        except (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, UnpicklingError) as e:
             text = str(e).strip()
             reason = f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
             raise ConfigError(f"{path}: not a metashot feature cache ({reason})") from None
