@@ -36,7 +36,7 @@ TOL = 1e-5  # float32 arithmetic in a different order; the uint8 pixels are iden
 
 def _processor(kind: str):  # noqa: ANN202
     """transformers' PIL image processor class (5.x ``BitImageProcessorPil``; 4.x's slow one is PIL's)."""
-    module = {"Bit": "bit", "ViT": "vit", "CLIP": "clip", "Siglip": "siglip"}[kind]
+    module = {"Bit": "bit", "ViT": "vit", "CLIP": "clip", "Siglip": "siglip", "ConvNext": "convnext"}[kind]
     try:
         pil = __import__(f"transformers.models.{module}.image_processing_pil_{module}", fromlist=["_"])
         return getattr(pil, f"{kind}ImageProcessorPil")
@@ -47,10 +47,12 @@ def _processor(kind: str):  # noqa: ANN202
 @pytest.fixture(scope="session")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Folders saved by save_pretrained: a DINOv2 (BiT processor: shortest edge 36, crop 32), a ViT
-    without a pooler (as DINO's checkpoints), a CLIP and a SigLIP (both towers), each with its processor."""
+    without a pooler (as DINO's checkpoints), a CLIP and a SigLIP (both towers), a DINOv2 with registers
+    and a ConvNeXt, each with its processor."""
     root = tmp_path_factory.mktemp("hub")
     torch.manual_seed(0)
     t = transformers
+    registers = t.Dinov2WithRegistersConfig(**VISION, num_register_tokens=4)
     models = {
         "dino": (t.Dinov2Model(t.Dinov2Config(**VISION)),
                  _processor("Bit")(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32})),
@@ -60,6 +62,10 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                  _processor("CLIP")(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})),
         "siglip": (t.SiglipModel(t.SiglipConfig(text_config=TEXT, vision_config=VISION)),
                    _processor("Siglip")(size={"height": 32, "width": 32})),
+        "registers": (t.Dinov2WithRegistersModel(registers),
+                      _processor("Bit")(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})),
+        "convnext": (t.ConvNextModel(t.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)),
+                     _processor("ConvNext")(size={"shortest_edge": 32})),  # crop_pct 0.875: edge 36, crop 32
     }
     for name, (model, processor) in models.items():
         model.save_pretrained(root / name)
@@ -125,6 +131,21 @@ def test_clip_and_siglip_give_their_image_embedding(hub: dict[str, Path]) -> Non
     torch.testing.assert_close(bb(_ours(bb, image)), want, atol=TOL, rtol=0)
     with pytest.raises(ConfigError, match="no CLS token"):
         pretrained(f"hf:{hub['siglip']}", (3, 32, 32), pool="cls")
+
+
+def test_registers_and_feature_maps(hub: dict[str, Path]) -> None:
+    image = _image(3)
+    model = transformers.Dinov2WithRegistersModel.from_pretrained(hub["registers"]).eval()
+    tokens = model(pixel_values=_pixels(hub["registers"], "Bit", image)).last_hidden_state  # CLS, 4, 16
+    bb = pretrained(f"hf:{hub['registers']}", (3, 32, 32), freeze=True, pool="mean")
+    assert bb.prefix == 5
+    torch.testing.assert_close(bb(_ours(bb, image)), tokens[:, 5:].mean(1), atol=TOL, rtol=0)
+    model = transformers.ConvNextModel.from_pretrained(hub["convnext"]).eval()
+    out = model(pixel_values=_pixels(hub["convnext"], "ConvNext", image))
+    for pool, want in [("auto", out.pooler_output), ("mean", out.last_hidden_state.mean((2, 3)))]:
+        bb = pretrained(f"hf:{hub['convnext']}", (3, 32, 32), freeze=True, pool=pool)
+        assert (bb.preprocessing.size, bb.preprocessing.resize) == ((32, 32), 36)
+        torch.testing.assert_close(bb(_ours(bb, image)), want, atol=TOL, rtol=0)
 
 
 def test_tensor_preprocessing_by_hand() -> None:
@@ -231,12 +252,33 @@ def test_missing_libraries(monkeypatch: pytest.MonkeyPatch) -> None:
         make_backbone("timm:resnet50", (3, 32, 32))
 
 
-def test_offline_without_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def _offline(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
+    """HF_HUB_OFFLINE=1 and an empty Hugging Face cache ``cache``, in this process (huggingface_hub reads
+    the environment once, at its import)."""
     import huggingface_hub.constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at its import
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+
+
+def test_offline_from_the_hub_cache(
+    hub: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--metashot-test--tiny-dino"
+    shutil.copytree(hub["dino"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    _offline(monkeypatch, tmp_path)
+    ref = pretrained("hf:metashot-test/tiny-dino", (3, 32, 32), freeze=True).reference()
+    assert ref["weights"] == {"commit": commit} and ref["revision"] is None
+    pinned = pretrained("hf:metashot-test/tiny-dino", (3, 32, 32), revision=commit)
+    assert pinned.reference()["revision"] == commit and pinned.lr_scale == 0.1
+
+
+def test_offline_without_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _offline(monkeypatch, tmp_path)
     with pytest.raises(ConfigError) as e:
         pretrained("hf:nobody-metashot/no-such-model", (3, 32, 32))
     message = str(e.value)
