@@ -193,7 +193,8 @@ def pretrained(name: str, input_shape: tuple[int, ...], freeze: bool = False, lr
         raise ConfigError(f"backbone {name}: freeze must be true or false, got {freeze!r}")
     if freeze and lr_scale is not None:
         raise ConfigError(f"backbone {name}: lr_scale {lr_scale} is for a backbone that trains, not frozen")
-    if lr_scale is not None and not (isinstance(lr_scale, (int, float)) and 0 < lr_scale < math.inf):
+    if lr_scale is not None and (isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float))
+                                 or not 0 < lr_scale < math.inf):
         raise ConfigError(f"backbone {name}: lr_scale must be a positive number, got {lr_scale!r}")
     if pool not in POOLS:
         raise ConfigError(f"backbone {name}: pool must be one of {', '.join(POOLS)}, got {pool!r}")
@@ -251,7 +252,7 @@ def _load_hf(name: str, spec: str, pool: str, revision: str | None) -> tuple:
     except ValueError as e:  # an unknown model type, or one that needs its own code (never run)
         raise ConfigError(f"backbone {name}: {_first_line(e)}") from None
     model, pooler_loaded = _hf_model(transformers, name, source, config, revision)
-    preprocessing = _hf_preprocessing(name, _hf_processor_dict(transformers, name, source, revision))
+    preprocessing = _hf_preprocessing(name, _hf_processor_dict(name, source, revision))
     kind, prefix = _hf_pool(name, model, preprocessing, pool, pooler_loaded)
     return model, preprocessing, kind, prefix, _hf_identity(transformers, source, revision)
 
@@ -292,7 +293,8 @@ def _hf_model(transformers: Any, name: str, source: str, config: Any, revision: 
     return model.float(), not missing
 
 
-def _hf_processor_dict(transformers: Any, name: str, source: str, revision: str | None) -> dict[str, Any]:
+def _hf_processor_dict(name: str, source: str, revision: str | None) -> dict[str, Any]:
+    """The processor config's dict, read as data (a processor is not built: some need torchvision)."""
     from transformers.image_processing_utils import ImageProcessingMixin
 
     try:
