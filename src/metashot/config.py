@@ -324,9 +324,7 @@ def pick_device(name: str, cuda_count: int, mps: bool, local_rank: int = 0, loca
     ``--gpus-per-task=1``, or ranks sharing one over gloo), else cuda:LOCAL_RANK; more processes than the
     GPUs shown, or a CUDA device where none is, is a :class:`ConfigError`.
     """
-    if name == "auto":
-        name = "cuda" if cuda_count else "mps" if mps else "cpu"
-    device = torch.device(name)
+    device = torch.device(("cuda" if cuda_count else "mps" if mps else "cpu") if name == "auto" else name)
     if device.type == "mps" and not mps:
         raise ConfigError(f"--device {name}: MPS is not available here; use --device auto or cpu")
     if device.type != "cuda":

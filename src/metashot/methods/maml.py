@@ -182,9 +182,10 @@ class MAML(Method):
         self.train_step = step
 
     def autocast_safe(self) -> bool:
-        """First order only (``first_order``): a second-order step (MAML++'s annealing included) keeps the
-        whole run in float32 under ``--precision bf16``."""
-        return self.first_order
+        """First order (``first_order``) in the per-task loop only: a second-order step (MAML++'s annealing
+        included) keeps the whole run in float32 under ``--precision bf16``, and so do batched tasks (torch
+        2.13's vmap of batch norm's backward fails under autocast: "expected scalar type BFloat16")."""
+        return self.first_order and self.tasks == "loop"
 
     def meta_parameters(self) -> list[nn.Parameter]:
         """The parameters the meta-loss depends on: all but the model's batch-norm scales and shifts
