@@ -11,7 +11,8 @@ import torch
 
 from metashot import cli
 from metashot.config import Config
-from metashot.data.features import FeatureCache
+from metashot.data.features import FeatureCache, differences
+from metashot.data.tasks import build_source
 from metashot.train import train
 
 TASK_ARGS = {"split": "official", "val_characters": 6, "rotations": False}
@@ -114,3 +115,43 @@ def test_bad_input_is_one_line(run: Path, cache: Path, tmp_path: Path, capsys: p
     }
     for argv, message in cases.items():
         assert _error(list(argv), capsys).startswith(message), argv
+
+
+def _tiny_dinov2(folder: Path) -> None:
+    """A DINOv2 of one layer with random weights, saved as a user's local model is."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=64, image_size=32, patch_size=8)
+    transformers.Dinov2Model(config).save_pretrained(folder)
+
+
+def _processor(folder: Path, crop: int) -> None:
+    """Its processor config: the shortest edge resized to 36, centre-cropped to ``crop``."""
+    processor = {"image_processor_type": "BitImageProcessor", "size": {"shortest_edge": 36},
+                 "crop_size": {"height": crop, "width": crop}, "do_center_crop": True, "resample": 3,
+                 "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+
+
+def test_a_pretrained_backbone_by_name(patterns: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`embed --backbone hf:/folder`: the model's own features of the images as test episodes present them;
+    a changed processor (its crop) rebuilds the cache."""
+    from metashot.nn.backbones import make_backbone
+
+    model, out = tmp_path / "dino", tmp_path / "features.pt"
+    _tiny_dinov2(model)
+    _processor(model, 32)
+    argv = ["embed", "--backbone", f"hf:{model}", "--backbone-args", '{"freeze": true}', "--task", "folder",
+            "--data-dir", str(patterns), "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    cache = FeatureCache.load(out)
+    assert cache.key["backbone"]["preprocessing"]["size"] == [32, 32]
+    source = build_source(Config.from_dict(cache.config))
+    backbone = make_backbone(f"hf:{model}", (1, 28, 28), freeze=True)
+    test = torch.arange(len(source.dataset("test")))
+    with torch.no_grad():
+        torch.testing.assert_close(cache.features, backbone(source.examples("test", test)), rtol=0, atol=1e-5)
+    _processor(model, 24)
+    assert cli.main(argv) == 0 and "embedded 32 images" in capsys.readouterr().out
+    assert differences(cache.key, FeatureCache.load(out).key) == ["backbone.preprocessing"]
