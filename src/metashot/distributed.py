@@ -260,14 +260,13 @@ class RunningStats:
         if self._plan is None or self._plan[0] != layout:
             w, weights = self.world.size, []
             for m, c in zip(self.norms, counts):
-                if c:
+                if c:  # made on the device: no copy from the host
                     k = c // episodes
-                    t = torch.arange(episodes * k).view(1, episodes, k)
-                    t = ((t // k) * w + torch.arange(w).view(w, 1, 1)) * k + t % k
-                    t = t.reshape(w, c).double()
-                    rate = m.momentum
+                    t = torch.arange(episodes * k, device=device).view(1, episodes, k)
+                    t = ((t // k) * w + torch.arange(w, device=device).view(w, 1, 1)) * k + t % k
+                    t, rate = t.reshape(w, c).float(), m.momentum
                     weight = torch.ones_like(t) if rate is None else rate * (1 - rate) ** (w * c - 1 - t)
-                    weights.append(weight.float().to(device))
+                    weights.append(weight)
             self._plan = (layout, weights)
         return self._plan[1]
 
