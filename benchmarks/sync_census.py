@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -35,6 +36,7 @@ import metashot
 from metashot.batches import Episode, Examples, SequenceBatch, TaskInfo
 from metashot.config import Config
 from metashot.data.sequences import SequenceTask, instance_counts, string_labels
+from metashot.evaluate import autocast
 from metashot.methods import METHODS, build_method
 from metashot.methods.base import Method
 
@@ -46,7 +48,8 @@ HOST_MADE = ("tensor", "as_tensor")  # torch.<name>: a tensor from host data
 TRAIN_CLASSES = 20  # the toy training part's classes, for the methods trained on examples
 
 # toy configs: every method on 5-way 1-shot 2-query episodes of 16 x 16 images (meta-batch 2), sequences
-# of 5 classes x 3 instances, minibatches of 8 examples; MAML's paths and variants beside
+# of 5 classes x 3 instances, minibatches of 8 examples; MAML's paths and variants, and bf16 autocast
+# (which the census's steps apply, the parity's not)
 TOY = Config(method="protonet", task="omniglot", ways=5, shots=1, queries=2, meta_batch=2, batch_size=8,
              task_args={"instances": 3, "image_size": 16})
 CASES: dict[str, Config] = {name: replace(TOY, method=name) for name in METHODS} | {
@@ -58,6 +61,8 @@ CASES: dict[str, Config] = {name: replace(TOY, method=name) for name in METHODS}
         "first_order_steps": 0, "batch_norm": "inductive"}),
     "maml-recompute": replace(TOY, method="maml", method_args={"inner_steps": 2, "recompute": True}),
     "maml-sinusoid": replace(TOY, method="maml", task="sinusoid", ways=1, shots=5, queries=5),
+    "protonet-bf16": replace(TOY, precision="bf16"),
+    "maml-first-order-bf16": replace(TOY, method="maml", method_args={"first_order": True}, precision="bf16"),
 }
 
 
@@ -73,14 +78,13 @@ class Read:
 
 # -- the cases ------------------------------------------------------------------------------------
 def input_shape(cfg: Config) -> tuple[int, ...]:
-    """One example's shape on ``cfg.task`` (Omniglot at ``image_size``, 28 by default; 84 px RGB for the
-    natural-image tasks; a scalar for the sinusoid)."""
+    """One example's shape on ``cfg.task``: a scalar for the sinusoid, else images of ``task_args``'
+    ``image_size``, Omniglot's 28 px grey, the natural-image tasks' 84 px RGB by default."""
     if cfg.task == "sinusoid":
         return (1,)
-    if cfg.task == "omniglot":
-        size = int(cfg.task_args.get("image_size", 28))
-        return (1, size, size)
-    return (3, 84, 84)
+    grey = cfg.task.startswith("omniglot")
+    size = int(cfg.task_args.get("image_size", 28 if grey else 84))
+    return (1 if grey else 3, size, size)
 
 
 def task_info(cfg: Config, kind: str) -> TaskInfo:
@@ -140,12 +144,11 @@ def _fields(batch: Any) -> list[Any]:
 
 
 def train_step(method: Method, batch: Any, optimizer: torch.optim.Optimizer, step: int,
-               autocast: torch.dtype | None = None) -> torch.Tensor:
-    """One training step as the trainer's: the method's schedules, loss, backward, optimizer step;
-    ``autocast``: the loss under autocast to that dtype. The loss, detached."""
+               precision: str = "fp32") -> torch.Tensor:
+    """One training step as the trainer's: the method's schedules, loss (under ``precision``'s autocast,
+    :func:`metashot.evaluate.autocast`), backward, optimizer step. The loss, detached."""
     method.on_step(step)
-    device = next(method.parameters()).device.type
-    with torch.autocast(device, autocast) if autocast is not None else contextlib.nullcontext():
+    with autocast(method, next(method.parameters()).device, precision):
         loss, _ = method.loss(batch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -236,16 +239,71 @@ def census(name: str, device: torch.device | str = "cpu", cfg: Config | None = N
     own census on a CUDA device, :func:`host_reads` elsewhere. The second step is the one that counts
     ("reads", "in_metashot": those in metashot's code); the first, a warm-up, may also set up the
     optimizer's state and the device's libraries ("warmup_reads")."""
-    device = torch.device(device)
-    method, batch, optimizer = make_case(cfg or CASES[name], device)
+    device, cfg = torch.device(device), cfg or CASES[name]
+    method, batch, optimizer = make_case(cfg, device)
     counter = cuda_syncs if device.type == "cuda" else host_reads
     with counter() as first:
-        train_step(method, batch, optimizer, 0)
+        train_step(method, batch, optimizer, 0, cfg.precision)
     with counter() as reads:
-        train_step(method, batch, optimizer, 1)
+        train_step(method, batch, optimizer, 1, cfg.precision)
     return {"case": name, "device": str(device), "counter": counter.__name__, "warmup_reads": len(first),
             "reads": len(reads), "in_metashot": sum(r.ours for r in reads),
             "where": sorted({f"{r.kind} {r.where}" for r in reads})[:12]}
+
+
+# -- timing ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def tf32(on: bool) -> Iterator[None]:
+    """TF32 matmuls and cuDNN convolutions on or off inside (torch's own default has cuDNN's on)."""
+    b = torch.backends
+    saved = b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32
+    b.cuda.matmul.allow_tf32 = b.cudnn.allow_tf32 = on
+    try:
+        yield
+    finally:
+        b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = saved
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def toy(cfg: Config) -> Config:
+    """``cfg`` at toy sizes: 2 episodes of at most 5 ways and 1 query, 16 px images, 2 instances."""
+    return replace(cfg, meta_batch=min(cfg.meta_batch, 2), ways=min(cfg.ways, 5),
+                   train_ways=min(cfg.train_ways, 5), train_queries=1,
+                   task_args=cfg.task_args | {"image_size": 16, "instances": 2})
+
+
+def time_steps(cfg: Config, device: torch.device, steps: int = 10, warmup: int = 3, allow_tf32: bool = False,
+               precision: str = "fp32") -> dict[str, Any]:
+    """``steps`` training steps of ``cfg`` on a random batch of its shapes, after ``warmup``: ms a step,
+    steps/s, episodes (or examples) a second, and the peak memory (the device's, else the process's
+    resident set)."""
+    import resource
+
+    method, batch, optimizer = make_case(cfg, device)
+    with tf32(allow_tf32):
+        t0 = time.perf_counter()
+        for i in range(warmup):
+            train_step(method, batch, optimizer, i, precision)
+        synchronize(device)
+        warm_s = time.perf_counter() - t0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            train_step(method, batch, optimizer, warmup + i, precision)
+        synchronize(device)
+        dt = (time.perf_counter() - t0) / steps
+    cuda = device.type == "cuda"
+    memory = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss * 1024
+    items = batch.support.shape[0] if isinstance(batch, Episode) else len(batch)
+    return {"ms_per_step": round(dt * 1e3, 2), "steps_per_s": round(1 / dt, 2),
+            "items_per_s": round(items / dt, 1), "warmup_s": round(warm_s, 1),
+            "max_memory_mb": round(memory / 2**20, 1), "memory_of": "cuda" if cuda else "rss"}
 
 
 def main() -> None:
