@@ -298,3 +298,34 @@ def test_a_run_classifies_files_as_its_own_head_classifies_its_images(
     loaded = FewShotClassifier.load(clf)
     stored = loaded.predict(images[:, 2:].flatten(0, 1))[0]  # tensors: the task's stored images
     assert stored == [r["class"] for r in rows]
+
+
+def test_a_tiny_dinov2_saved_locally_fits_and_predicts_by_its_folder(
+    colours: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.bit import image_processing_pil_bit as bit
+
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=64, image_size=32, patch_size=8)
+    transformers.Dinov2Model(config).save_pretrained(tmp_path / "dino")
+    bit.BitImageProcessorPil(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}) \
+        .save_pretrained(tmp_path / "dino")
+    clf = tmp_path / "clf"
+    code, out, err = _cli(["fit", str(colours / "support"), "--backbone", f"hf:{tmp_path / 'dino'}", "--out",
+                           str(clf), "--device", "cpu", "--no-progress"], capsys)
+    assert code == 0, err
+    saved = json.loads((clf / "classifier.json").read_text())
+    assert saved["features"]["preprocessing"]["size"] == [32, 32] and saved["features"]["preprocessing"][
+        "resize"] == 36
+    files, truth = _queries(colours)
+    code, out, err = _cli(["predict", str(clf), *map(str, files), "--json"], capsys)
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["class"] for r in rows] == truth
+    loaded = FewShotClassifier.load(clf, "cpu")
+    assert [r["probability"] for r in rows] == loaded.predict(files)[1][:, 0].tolist()
+    code, _, err = _cli(["fit", str(colours / "support"), "--backbone", f"hf:{tmp_path / 'none'}", "--out",
+                         str(tmp_path / "c")], capsys)
+    last = err.splitlines()[-1]  # after transformers' own progress bars, when it printed any
+    assert code == 2 and last.startswith("metashot: error: ") and f"no folder {tmp_path / 'none'}" in last

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -25,7 +26,6 @@ from pathlib import Path
 from typing import Any, Union
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
@@ -102,8 +102,10 @@ class PretrainedFeatures(Features):
         if args.get("freeze", True) is not True:
             raise ConfigError(f"backbone_args {args}: a classifier's backbone stays frozen (freeze: true)")
         self.name, self.args = name, dict(args)
-        try:
+        try:  # the input shape only says the images have 3 channels: the model's preprocessing sizes them
             backbone = make_backbone(name, (3, 224, 224), **{**args, "freeze": True})
+        except ConfigError:
+            raise
         except ValueError as e:
             raise ConfigError(f"--backbone {name}: not a model ({str(e).splitlines()[0]})") from None
         self.backbone = backbone.to(device).eval()
@@ -156,8 +158,7 @@ class RunFeatures(Features):
         from metashot.stages import stage_folder
 
         folder = RunFolder(stage_folder(run))
-        cfg = folder.load_config()
-        cfg = cfg.replace(device=str(device)).validate()
+        cfg = folder.load_config().replace(device=str(device)).validate()
         source, method = folder.method(cfg, checkpoint)
         return cls(cfg, source.task_info(type(method).train_batches), source, method, device)
 
@@ -219,35 +220,22 @@ def leave_one_out(
     return torch.cat(log_p), labels[left]
 
 
-def fit_temperature(log_p: torch.Tensor, labels: torch.Tensor, iterations: int = 60) -> float:
-    """The T minimising the mean NLL of softmax(log_p / T) [L, N] at ``labels`` [L]: a grid over log T
-    spanning e^+-8 around the log-probs' own scale, then a golden-section search beside its best point
-    (the NLL is convex in 1 / T, so unimodal in log T). 1 when T changes nothing (all log-probs equal)."""
+def fit_temperature(log_p: torch.Tensor, labels: torch.Tensor, levels: int = 6) -> float:
+    """The T minimising the mean NLL of softmax(log_p / T) [L, N] at ``labels`` [L]: a grid of 33 values
+    of log T spanning e^+-8 around the log-probs' own scale, then grids ever finer around the best (the
+    NLL is convex in 1 / T, so unimodal in log T), to 1e-5 in log T. 1 when all log-probs are equal."""
     z = log_p.double()
     z = z - z.amax(-1, keepdim=True)
     gaps = z[z.isfinite() & (z < 0)]
     if not len(gaps):
         return 1.0
-
-    def nll(log_t: float) -> float:
-        return float(F.cross_entropy(z / torch.tensor(log_t, dtype=z.dtype).exp(), labels))
-
-    grid = (gaps.abs().mean().log() + torch.linspace(-8, 8, 65, dtype=z.dtype)).tolist()
-    best = min(range(len(grid)), key=lambda k: nll(grid[k]))
-    lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
-    ratio = (5 ** 0.5 - 1) / 2
-    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = nll(a), nll(b)
-    for _ in range(iterations):
-        if fa <= fb:
-            hi, b, fb = b, a, fa
-            a = hi - ratio * (hi - lo)
-            fa = nll(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + ratio * (hi - lo)
-            fb = nll(b)
-    return float(torch.tensor((lo + hi) / 2).exp())
+    centre, half = float(gaps.abs().mean().log()), 8.0
+    for _ in range(levels):
+        grid = torch.linspace(centre - half, centre + half, 33, dtype=z.dtype)
+        log_q = (z / grid.exp()[:, None, None]).log_softmax(-1)  # [33, L, N]
+        nll = -log_q.gather(2, labels.expand(len(grid), -1).unsqueeze(2)).mean((1, 2))
+        centre, half = float(grid[nll.argmin()]), half / 16
+    return math.exp(centre)
 
 
 def _items(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
@@ -329,12 +317,13 @@ class FewShotClassifier:
         backbone: str | None = None, backbone_args: dict[str, Any] | None = None, head: str | None = None,
         head_args: dict[str, Any] | None = None, from_run: str | os.PathLike | None = None,
         checkpoint: str = "best.pt", device: str | None = None, threshold: float = 0.0, seed: int = 0,
-        batch_size: int = 64, progress: bool = False,
+        batch_size: int = 64, progress: bool = False, features: Features | None = None,
     ) -> FewShotClassifier:
         """Fit on support images (paths, PIL images, tensors as :meth:`predict` takes them) labelled by
         class names (or integers, named by their decimal digits), with the features of the pretrained
         ``backbone`` or of the run folder ``from_run`` (its ``checkpoint``); ``head`` (None: the run's
-        own, for a backbone "prototype") with ``head_args``; the temperature by :func:`leave_one_out`."""
+        own, for a backbone "prototype") with ``head_args``; the temperature by :func:`leave_one_out`.
+        ``features``: another classifier's (``clf.features``), in place of a backbone or run to load."""
         items = _items(support)
         names = [str(v) for v in (labels_or_names.tolist() if isinstance(labels_or_names, torch.Tensor)
                                   else labels_or_names)]
@@ -344,8 +333,11 @@ class FewShotClassifier:
         if len(classes) < 2:
             raise ConfigError(f"the support set holds {len(classes)} class{'es' if not classes else ''} "
                               f"{classes}; a classifier needs at least 2")
-        dev = _device(device)
-        features = _features(backbone, backbone_args, from_run, checkpoint, dev)
+        if features is None:
+            features = _features(backbone, backbone_args, from_run, checkpoint, _device(device))
+        elif backbone is not None or from_run is not None:
+            raise ConfigError("give features, or a backbone or run to load them from, not both")
+        dev = features.device
         head_module, head_name, head_args = _head(head, head_args, features)
         z, _ = embed_images(features, items, batch_size, progress)
         labels = torch.tensor([classes.index(n) for n in names], device=dev)
@@ -525,8 +517,13 @@ def write_folder(path: Path, files: dict[str, bytes]) -> None:
         if path.exists():  # a classifier folder (check_out): swapped out, then removed
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
             os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                os.replace(old / path.name, path)
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
     except OSError as e:
@@ -555,9 +552,9 @@ def read_config(path: Path) -> dict[str, Any]:
             from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path / CONFIG_FILE}: not valid JSON ({e})") from None
-    version = saved.get("format") if isinstance(saved, dict) else None
-    if version != FORMAT:
-        made = f" (by metashot {saved['metashot']})" if "metashot" in (saved or {}) else ""
+    saved = saved if isinstance(saved, dict) else {}
+    if (version := saved.get("format")) != FORMAT:
+        made = f" (by metashot {saved['metashot']})" if "metashot" in saved else ""
         raise ConfigError(f"{path}: a classifier of format {version}{made}; metashot {metashot.__version__} "
                           f"reads format {FORMAT}: fit it again with this version")
     return saved
