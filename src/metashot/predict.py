@@ -31,11 +31,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from metashot.checkpoints import load_checkpoint, load_weights, serialized
+from metashot.data.images import IMAGE_SUFFIXES
 from metashot.errors import ConfigError, DataError
 
 FORMAT = 1  # classifier.json's format: another is refused, not guessed at
 CONFIG_FILE, TENSORS_FILE = "classifier.json", "tensors.pt"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 ImageLike = Union[str, os.PathLike, Image.Image, torch.Tensor]  # noqa: UP007 (a runtime alias, py3.10)
 
@@ -251,8 +251,9 @@ def embed_images(
     features: Features, images: ImageLike | Sequence[ImageLike], batch_size: int = 64,
     progress: bool = False, skip: Callable[[ImageLike, DataError], None] | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
-    """Features [M', D] of the images that decode, in batches of ``batch_size`` images of one shape, and
-    their indices. An image that does not decode is passed to ``skip`` with its error, or (None) raised."""
+    """Features [M', D] of the images that decode, in batches of ``batch_size`` images of one shape and
+    dtype, and their indices. An image that does not decode is passed to ``skip`` with its error, or
+    (None) raised."""
     items = _items(images)
     out, kept, batch = [], [], []
 
@@ -272,7 +273,8 @@ def embed_images(
                     raise
                 skip(item, e)
             else:
-                if batch and (len(batch) == batch_size or batch[0].shape != x.shape):
+                kind = (x.shape, x.dtype)
+                if batch and (len(batch) == batch_size or (batch[0].shape, batch[0].dtype) != kind):
                     flush()
                 batch.append(x)
                 kept.append(i)
@@ -358,8 +360,9 @@ class FewShotClassifier:
         folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         files = {f.name: image_files(f) for f in folders}
         if empty := [name for name, fs in files.items() if not fs]:
-            raise DataError(f"{root / empty[0]}: an empty class folder (no {', '.join(IMAGE_SUFFIXES)} "
-                            "images); put the class's images in it or remove it")
+            kinds = ", ".join(sorted(IMAGE_SUFFIXES))
+            raise DataError(f"{root / empty[0]}: an empty class folder (no {kinds} images); put the class's "
+                            "images in it or remove it")
         return cls.fit([f for fs in files.values() for f in fs],
                        [name for name, fs in files.items() for _ in fs], **kwargs)
 
