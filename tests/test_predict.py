@@ -329,3 +329,15 @@ def test_a_tiny_dinov2_saved_locally_fits_and_predicts_by_its_folder(
                          str(tmp_path / "c")], capsys)
     last = err.splitlines()[-1]  # after transformers' own progress bars, when it printed any
     assert code == 2 and last.startswith("metashot: error: ") and f"no folder {tmp_path / 'none'}" in last
+
+
+@pytest.mark.cuda
+def test_on_cuda_the_same_answers_as_on_the_cpu(colours: Path, tmp_path: Path) -> None:
+    files, truth = _queries(colours)
+    cpu = _fit(colours)
+    gpu = FewShotClassifier.from_folder(colours / "support", backbone="hf:stand-in", device="cuda")
+    assert gpu.support.device.type == "cuda" and gpu.predict(files)[0] == truth
+    assert torch.allclose(gpu.predict_proba(files).cpu(), cpu.predict_proba(files), atol=1e-5)
+    gpu.save(tmp_path / "clf")
+    assert torch.equal(FewShotClassifier.load(tmp_path / "clf", "cuda").predict_proba(files),
+                       gpu.predict_proba(files))

@@ -213,7 +213,9 @@ def leave_one_out(
     left = (torch.bincount(labels, minlength=ways)[labels] >= 2).nonzero().squeeze(1)
     if not len(left):
         return None
-    rest = torch.arange(s).expand(s, s)[~torch.eye(s, dtype=torch.bool)].view(s, s - 1)[left]  # [L, S-1]
+    dev = labels.device
+    others = torch.arange(s, device=dev).expand(s, s)[~torch.eye(s, dtype=torch.bool, device=dev)]
+    rest = others.view(s, s - 1)[left]  # [L, S-1]: the support without each left-out image
     step = max(1, budget // ((s - 1) * support.shape[1]))
     log_p = [head(support[i].unsqueeze(1), support[r], labels[r], ways)[:, 0]
              for i, r in zip(left.split(step), rest.split(step))]
@@ -231,7 +233,7 @@ def fit_temperature(log_p: torch.Tensor, labels: torch.Tensor, levels: int = 6) 
         return 1.0
     centre, half = float(gaps.abs().mean().log()), 8.0
     for _ in range(levels):
-        grid = torch.linspace(centre - half, centre + half, 33, dtype=z.dtype)
+        grid = torch.linspace(centre - half, centre + half, 33, dtype=z.dtype, device=z.device)
         log_q = (z / grid.exp()[:, None, None]).log_softmax(-1)  # [33, L, N]
         nll = -log_q.gather(2, labels.expand(len(grid), -1).unsqueeze(2)).mean((1, 2))
         centre, half = float(grid[nll.argmin()]), half / 16
