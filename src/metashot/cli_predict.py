@@ -55,7 +55,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "trained run's encoder (--from-run, the images decoded as that run's task decoded its own), then "
         "scored by --head; the probabilities' temperature is fitted by leave-one-out on the support set "
         "(with 2 or more images of a class). Writes the classifier folder --out.")
-    f.add_argument("support_dir", type=Path, help="a folder of class sub-folders of images")
+    f.add_argument("support_dir", type=Path, metavar="SUPPORT_DIR", help="a folder of class sub-folders of "
+                   "images")
     which = f.add_mutually_exclusive_group(required=True)
     which.add_argument("--backbone", help="a pretrained model: hf:ORG/NAME, hf:/saved/folder or timm:NAME")
     which.add_argument("--from-run", type=Path, metavar="RUN", help="a trained metashot run folder whose "
@@ -92,7 +93,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive, default=64, metavar="N", help="images per forward pass")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or mps; default: cuda if there is one")
+    p.add_argument("--device", help="auto (a GPU if there is one, else MPS, else the "
+                   "CPU; the default), cpu, cuda, cuda:N or mps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
