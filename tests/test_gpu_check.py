@@ -48,7 +48,7 @@ def test_a_stage_past_its_limit_is_one_line(tmp_path: Path, monkeypatch: pytest.
 def test_timed_stages_run_alone_and_the_rest_side_by_side() -> None:
     assert gpu_check._groups(list(gpu_check.STAGES)) == [
         ["env"], ["vmap_loop", "parity", "sync_census", "cli", "determinism", "distributed"],
-        ["speed_maml"], ["speed_protonet"], ["speed_mann"], ["speed_resnet12"]]
+        ["speed_maml"], ["speed_protonet"], ["speed_mann"], ["speed_resnet12"], ["speed_mann_compiled"]]
 
 
 @pytest.mark.slow
