@@ -226,12 +226,12 @@ class RunFolder:
         from metashot.data.tasks import checked_source
         from metashot.methods import build_method, method_class
 
-        check_device(cfg.device)
+        device = check_device(cfg.device)  # auto resolved
         cls = method_class(cfg)
         source = checked_source(cfg, (cls.train_batches, cls.test_batches))
-        method = build_method(cfg, source.task_info(cls.train_batches)).to(cfg.device)
+        method = build_method(cfg, source.task_info(cls.train_batches)).to(device)
         path = self.checkpoint_path(checkpoint)
-        load_weights(method, load_checkpoint(path, cfg.device)["method"], path, self.config_path)
+        load_weights(method, load_checkpoint(path, device)["method"], path, self.config_path)
         return source, method
 
     def write_result(self, result: Result, name: str = "result.json") -> None:
@@ -293,7 +293,7 @@ def evaluate_run(
     if new_head is not None:
         method = _with_head(method, new_head, head, folder.path)
     batches = source.loader("test", cfg.test_episodes, seed=cfg.seed, kind=type(method).test_batches)
-    result = evaluate(method, batches, cfg.device, progress)
+    result = evaluate(method, batches, check_device(cfg.device), progress)
     parts = ["result", *([f"head-{head}"] if head else []), *([f"{cfg.ways}w{cfg.shots}s"] * bool(changes))]
     folder.write_result(result, "-".join(parts) + ".json")
     return result

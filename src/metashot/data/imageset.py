@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from metashot.config import Config
+from metashot.config import Config, check_device
 from metashot.data.augment import AUGMENTS, Augment
 from metashot.data.download import cache_path
 from metashot.data.examples import ExampleSet, example_loader
@@ -217,12 +217,16 @@ class ImageSetSource(FewShotSource):
 
     @property
     def _pin(self) -> bool:
-        return bool(self.pin_memory if self.pin_memory is not None else self.cfg.device.startswith("cuda"))
+        return bool(self.pin_memory if self.pin_memory is not None else self._device_type == "cuda")
 
     @property
     def _finish(self) -> bool:
         """Whether the loader's workers augment: on the CPU they do; an accelerator does, after the copy."""
-        return self.workers > 0 and torch.device(self.cfg.device).type == "cpu"
+        return self.workers > 0 and self._device_type == "cpu"
+
+    @property
+    def _device_type(self) -> str:
+        return check_device(self.cfg.device).type  # auto resolved
 
     def episode_batches(self, part: str, episodes: int, **stream: int) -> Iterable[Any]:
         sampler = self.sampler(part, episodes, **stream)
