@@ -150,6 +150,8 @@ def test_late_flags_come_back_one_step_later() -> None:
     assert world.late_flags(torch.tensor([1.0, 0.0])) == [0.0, 0.0]
     assert world.late_flags(torch.tensor([0.0, 2.0])) == [1.0, 0.0]
     assert world.late_flags(torch.tensor([0.0, 0.0])) == [0.0, 2.0]
+    world.start_steps()  # the next stage of a staged run starts clean
+    assert world.late_flags(torch.tensor([0.0, 0.0])) == [0.0, 0.0]
 
 
 def test_numerics_are_stated_and_restored() -> None:

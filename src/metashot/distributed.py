@@ -110,7 +110,7 @@ class World:
 
     def close(self) -> None:
         """Destroy the process group (once; :meth:`from_env` also calls it at exit)."""
-        self._flags = None
+        self.start_steps()
         if self.size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -167,6 +167,10 @@ class World:
             offset += g.numel()
         summed = flat[offset:]
         return self.late_flags(summed) if cuda else summed.tolist()
+
+    def start_steps(self) -> None:
+        """A new loop of steps (a run, a stage of a staged run): no late flags carry over into it."""
+        self._flags = None
 
     def late_flags(self, summed: torch.Tensor) -> list[float]:
         """The previous step's summed flags (zeros at the first step), and ``summed`` [n] sent on its way

@@ -166,6 +166,7 @@ class Trainer:
         batches = () if self.finished else self.source.loader(
             "train", c.steps * per_step, seed=c.seed, start=p.step * per_step, kind=kind, **self.world.shard)
         t0 = time.perf_counter() - p.elapsed
+        self.world.start_steps()
         self.signals.in_step = True
         with tqdm(total=c.steps, initial=p.step, desc=f"train {c.method}", unit="step",
                   disable=not self.show_progress, dynamic_ncols=True) as bar:
