@@ -269,8 +269,9 @@ def _hf_model(transformers: Any, name: str, source: str, config: Any, revision: 
         config = vision
     else:
         kind = transformers.AutoModel
-    verbosity = transformers.logging.get_verbosity()
+    verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()  # its load report: missing keys are judged below
+    transformers.logging.disable_progress_bar()  # its bar would come before metashot's own output
     try:
         model, info = kind.from_pretrained(source, config=config, revision=revision, use_safetensors=True,
                                            trust_remote_code=False, output_loading_info=True)
@@ -283,6 +284,8 @@ def _hf_model(transformers: Any, name: str, source: str, config: Any, revision: 
         raise ConfigError(f"backbone {name}: its weights do not fit its config ({_first_line(e)})") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.logging.enable_progress_bar()
     missing = sorted(info["missing_keys"])
     others = [k for k in missing if not k.startswith("pooler.")]
     if others:
@@ -387,17 +390,30 @@ def _hf_pool(
 
 
 def _hf_identity(transformers: Any, source: str, revision: str | None) -> dict[str, Any]:
-    """The config's sha256 and the weights' fingerprint: the hub commit, or a local folder's weight files
-    by size and modification time."""
+    """The config's sha256 and the weights' fingerprint: the hub commit, or a sampled hash of a local
+    folder's weight files (:func:`_sampled_sha256`)."""
     config = Path(transformers.utils.cached_file(source, "config.json", revision=revision))
     folder = config.parent
     if folder.parent.name == "snapshots":  # the hub cache: one folder per commit
         weights: dict[str, Any] = {"commit": folder.name}
     else:
         files = sorted(p for p in folder.iterdir() if p.name.endswith((".safetensors", ".index.json")))
-        weights = {"files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
+        weights = {"files": {p.name: _sampled_sha256(p) for p in files}}
     return {"revision": revision, "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
             "weights": weights}
+
+
+def _sampled_sha256(path: Path, chunks: int = 16, chunk: int = 1 << 16) -> str:
+    """A content fingerprint of a weights file that a copy keeps: sha256 of its size, its first MiB
+    (a safetensors header) and ``chunks`` slices spread over the rest; reading a few MiB, not gigabytes."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        digest.update(f.read(1 << 20))
+        for k in range(chunks):
+            f.seek(size * k // chunks)
+            digest.update(f.read(chunk))
+    return digest.hexdigest()
 
 
 # -- timm ------------------------------------------------------------------------------------------------
