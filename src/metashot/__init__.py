@@ -5,6 +5,7 @@ from metashot.data import Episode, EpisodeSampler, FewShotDataset, Omniglot, epi
 from metashot.evaluate import Result, evaluate
 from metashot.methods import METHODS, KernelMethod, Method, ProtoNet, RBFKernel, kernel
 from metashot.nn import MLP, Conv4
+from metashot.predict import FewShotClassifier
 from metashot.runs import evaluate_run
 from metashot.train import Trainer, train
 
@@ -17,6 +18,7 @@ __all__ = [
     "Conv4",
     "Episode",
     "EpisodeSampler",
+    "FewShotClassifier",
     "FewShotDataset",
     "KernelMethod",
     "Method",

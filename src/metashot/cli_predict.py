@@ -122,7 +122,7 @@ def fit(args: argparse.Namespace) -> int:
 
 def _expand(paths: list[Path], skipped: Callable[[Any, Exception], None]) -> list[Path]:
     """Files as given, folders' image files (any depth, sorted); a path that is neither is skipped."""
-    from metashot.predict import image_files
+    from metashot.image_features import image_files
 
     files = []
     for path in paths:
@@ -140,7 +140,8 @@ def _expand(paths: list[Path], skipped: Callable[[Any, Exception], None]) -> lis
 
 def predict(args: argparse.Namespace) -> int:
     """``metashot predict``: one line (text, JSON or CSV row) per image that decodes."""
-    from metashot.predict import FewShotClassifier, UncalibratedWarning, embed_images
+    from metashot.image_features import embed_images
+    from metashot.predict import FewShotClassifier, UncalibratedWarning
 
     def skipped(item: Any, e: Exception) -> None:
         print(f"metashot: warning: {e}; skipped", file=sys.stderr)
