@@ -291,6 +291,9 @@ def test_evaluate_head_errors(run: Path, tmp_path: Path, capsys: pytest.CaptureF
         ["evaluate", str(run), "--head-args", '{"distance": "cosine"}'], capsys)
     assert "argument --head-args: expected a JSON object" in _error(
         ["evaluate", str(run), "--head", "cl2n", "--head-args", "cosine"], capsys)
+    assert _error(["evaluate", str(run), "--seed", "3", "--queries", "5"], capsys) == (
+        "metashot: error: --queries and --seed go with --features; a run is tested with its own")
+    assert _error(["evaluate"], capsys) == "metashot: error: evaluate needs a run folder, or --features CACHE"
     assert not list(run.glob("result-head-*"))
 
 

@@ -123,7 +123,8 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_dir", type=Path, nargs="?", help="the run folder (none with --features)")
     cli_embed.add_evaluate_options(p)
-    p.add_argument("--test-episodes", type=int, help="test episodes; default: the run's")
+    p.add_argument("--test-episodes", type=int, help="test episodes; default: the run's (with --features: "
+                   "1000)")
     p.add_argument("--ways", type=int, help="classes per test episode; default: the run's")
     p.add_argument("--shots", type=int, help="support examples per class; default: the run's")
     p.add_argument("--checkpoint", default="best.pt", help="checkpoint in the run folder; default: best.pt")
@@ -283,6 +284,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         return cli_embed.evaluate_features(args)
     if args.run_dir is None:
         raise ConfigError("evaluate needs a run folder, or --features CACHE")
+    if given := [f"--{k}" for k in ("queries", "seed") if getattr(args, k) is not None]:
+        verb = "go" if len(given) > 1 else "goes"
+        raise ConfigError(f"{' and '.join(given)} {verb} with --features; a run is tested with its own")
     _positive(args, "test_episodes", "ways", "shots")
     result = evaluate_run(args.run_dir, args.test_episodes, args.checkpoint, args.device,
                           not args.no_progress, args.ways, args.shots, args.trust_code, args.backbone,
