@@ -81,6 +81,10 @@ def _config_options(p: argparse.ArgumentParser) -> None:
         hint = hints[f.name]
         kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
         kind = next(typing.get_origin(k) or k for k in kinds if k is not type(None))
+        if kind is bool:  # --deterministic / --no-deterministic; None: as the preset says
+            p.add_argument(option_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                           help=f.metadata["help"])
+            continue
         p.add_argument(option_name(f.name), *f.metadata["aliases"], dest=f.name,
                        type=_JSON.get(kind, kind), metavar="JSON" if kind in _JSON else None,
                        help=f.metadata["help"])

@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 
 CSV_FIELDS = ["step", "episodes", "minutes", "lr", "train_loss", "train_metric", "val_metric", "val_ci95"]
 # How metrics.csv writes a row's numbers (the rest: .5f); rows of older checkpoints hold these strings.
-CSV_FORMATS = {"step": "d", "episodes": "d", "minutes": ".3f", "lr": ".3g"}
+CSV_FORMATS = {"step": "d", "episodes": "d", "minutes": ".3f", "lr": ".3g", "max_memory_mb": ".1f"}
+OPTIONAL_FIELDS = ["max_memory_mb"]  # a row's peak GPU memory in MiB, on CUDA only (metashot.train)
 # What a resume may change; anything else would make the run a different experiment.
 RESUMABLE = ("steps", "max_minutes", "device", "test_episodes", "data_dir")
 STAGES_FILE = "stages.json"  # the recipe of a staged run's folder (metashot.stages)
@@ -162,7 +163,8 @@ class RunFolder:
         """``last.pt``, with ``metrics.csv`` rebuilt from its rows (a kill may have left it behind)."""
         state = load_checkpoint(self.last, map_location)
         rows = state.get("rows")
-        if not (isinstance(rows, list) and all(isinstance(r, dict) and sorted(r) == sorted(CSV_FIELDS)
+        fields = {*CSV_FIELDS, *OPTIONAL_FIELDS}
+        if not (isinstance(rows, list) and all(isinstance(r, dict) and set(CSV_FIELDS) <= set(r) <= fields
                                                and isinstance(r["step"], int) for r in rows)):
             raise CheckpointError(f"{self.last}: its 'rows' are not metrics rows (a list of dicts of "
                                   f"{', '.join(CSV_FIELDS)}); the checkpoint is damaged or not metashot's")
@@ -242,7 +244,8 @@ class RunFolder:
 
 def _csv(rows: list[dict[str, Any]]) -> Callable[[IO[bytes]], None]:
     text = io.StringIO()
-    writer = csv.DictWriter(text, CSV_FIELDS)
+    writer = csv.DictWriter(text, CSV_FIELDS + [f for f in OPTIONAL_FIELDS if any(f in r for r in rows)],
+                            restval="")
     writer.writeheader()
     writer.writerows({k: v if isinstance(v, str) else format(v, CSV_FORMATS.get(k, ".5f"))
                       for k, v in r.items()} for r in rows)
@@ -293,7 +296,7 @@ def evaluate_run(
     if new_head is not None:
         method = _with_head(method, new_head, head, folder.path)
     batches = source.loader("test", cfg.test_episodes, seed=cfg.seed, kind=type(method).test_batches)
-    result = evaluate(method, batches, check_device(cfg.device), progress)
+    result = evaluate(method, batches, check_device(cfg.device), progress, precision=cfg.precision)
     parts = ["result", *([f"head-{head}"] if head else []), *([f"{cfg.ways}w{cfg.shots}s"] * bool(changes))]
     folder.write_result(result, "-".join(parts) + ".json")
     return result

@@ -67,6 +67,10 @@ class Trainer:
         self.source = source or self.world.first(lambda: checked_source(cfg, kinds))
         self.method = build_method(cfg, self.source.task_info(kinds[0])).to(self.device)
         self.method.check_batch(cfg.per_step(kinds[0]) // self.world.size)
+        if not any(p.requires_grad for p in self.method.parameters()):
+            raise ConfigError(f"{cfg.method} has nothing to train: every parameter is frozen (backbone_args "
+                              "freeze); test a frozen backbone with `metashot embed` and `metashot evaluate "
+                              "--features`, or fit it with `metashot fit`")
         if not (resume and self.folder.last.exists()):  # a fresh start; a resume's last.pt holds the weights
             self.cfg = cfg = init_weights(self.method, cfg)
         self.running_stats = RunningStats(self.method, self.world)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from metashot import cli
 from metashot.batches import Episode, TaskInfo
 from metashot.errors import ConfigError
 from metashot.methods import ProtoNet
@@ -220,6 +221,19 @@ def test_protonet_on_a_pretrained_backbone(hub: dict[str, Path]) -> None:
     assert torch.isfinite(loss) and metrics["acc"].shape == (1,)
     frozen = ProtoNet.build(info, backbone=f"hf:{hub['dino']}", backbone_args={"freeze": True})
     assert all("lr" not in g for g in frozen.param_groups(1e-3))
+
+
+def test_training_nothing_but_a_frozen_backbone_is_refused(
+    hub: dict[str, Path], patterns: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    shape = ["--ways", "3", "--train-ways", "5", "--queries", "3"]
+    argv = ["train", "protonet", "--task", "folder", "--data-dir", str(patterns), *shape,
+            "--backbone", f"hf:{hub['dino']}", "--set", 'backbone_args={"freeze": true}',
+            "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.startswith("metashot: error: protonet has nothing to train: every "
+                                              "parameter is frozen")
+    assert not (tmp_path / "run" / "config.json").exists()
 
 
 def test_reference_identifies_the_features(hub: dict[str, Path], tmp_path: Path) -> None:
