@@ -70,10 +70,18 @@ def test_metric_methods_train_under_bf16_to_fp32s_losses(method: str) -> None:
 def test_autocast_runs_where_the_method_allows_it() -> None:
     info, small = TaskInfo((1, 28, 28), 5, 5), {"backbone_args": {"hidden": 8}}
     maml = build_method(Config(method="maml", **small), info)
-    first, vmapped = (build_method(Config(method="maml", method_args={"first_order": True, "tasks": tasks},
-                                          **small), info) for tasks in ("loop", "vmap"))
+    first, vmapped, auto = (
+        build_method(Config(method="maml", method_args={"first_order": True, "tasks": tasks}, **small), info)
+        for tasks in ("loop", "vmap", "auto"))
     proto = build_method(Config(**small), info)
     assert not vmapped.autocast_safe()  # torch's vmap of batch norm's backward fails under autocast
+    labels = torch.arange(5).repeat(2, 1)
+    episode = Episode(torch.rand(2, 5, 1, 28, 28), labels, torch.rand(2, 5, 1, 28, 28), labels, num_ways=5)
+    with autocast(auto, "cpu", "bf16"):
+        assert auto.autocast_safe() and not auto._use_vmap(episode)  # tasks auto: looped under autocast
+        loss, _ = auto.loss(episode)
+    loss.backward()
+    assert auto._use_vmap(episode) and torch.isfinite(loss)
     assert proto.autocast_safe() and first.autocast_safe() and not maml.autocast_safe()
     for method, precision, on in [(proto, "bf16", True), (proto, "fp32", False), (proto, "tf32", False),
                                   (maml, "bf16", False), (maml, "bf16-all", True), (first, "bf16", True)]:

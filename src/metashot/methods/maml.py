@@ -182,10 +182,11 @@ class MAML(Method):
         self.train_step = step
 
     def autocast_safe(self) -> bool:
-        """First order (``first_order``) in the per-task loop only: a second-order step (MAML++'s annealing
-        included) keeps the whole run in float32 under ``--precision bf16``, and so do batched tasks (torch
-        2.13's vmap of batch norm's backward fails under autocast: "expected scalar type BFloat16")."""
-        return self.first_order and self.tasks == "loop"
+        """First order (``first_order``) only: a second-order step (MAML++'s annealing included) keeps the
+        whole run in float32 under ``--precision bf16``. Tasks batched by ``tasks="vmap"`` stay float32 too
+        (torch 2.13's vmap of batch norm's backward fails under autocast: "expected scalar type BFloat16");
+        ``tasks="auto"`` loops over them under autocast."""
+        return self.first_order and self.tasks != "vmap"
 
     def meta_parameters(self) -> list[nn.Parameter]:
         """The parameters the meta-loss depends on: all but the model's batch-norm scales and shifts
@@ -281,6 +282,8 @@ class MAML(Method):
     def _use_vmap(self, batch: Episode) -> bool:
         if self.tasks != "auto":
             return self.tasks == "vmap"
+        if torch.is_autocast_enabled(batch.support.device.type):
+            return False  # see autocast_safe
         examples = batch.support.shape[1] + batch.query.shape[1]
         return batch.support.device.type != "cpu" or not self._has_conv or examples <= VMAP_MAX_EXAMPLES
 
