@@ -26,6 +26,7 @@ ADDED_FIELDS: dict[str, Any] = {
     "schedule": "step", "warmup": 0, "lr_min": 0.0, "optimizer": "adam", "optimizer_args": {},
     "weight_decay": 0.0, "split_seed": None, "backbone": None, "backbone_args": {}, "batch_size": 64,
     "lr_milestones": [], "init_from": None, "init_prefix": "", "precision": "fp32", "deterministic": False,
+    "data_on_device": False,
 }
 SCHEDULES = ("step", "multistep", "cosine", "constant")
 OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}
@@ -127,6 +128,10 @@ class Config:
                             "bf16-all (second-order MAML too: its double backward in bfloat16 is unsafe)")
     deterministic: bool = option(False, "deterministic CUDA kernels (torch.use_deterministic_algorithms, "
                                  "cuBLAS workspace, cuDNN): what a bit-for-bit resume on a GPU needs")
+    data_on_device: bool = option(False, "keep the task's images on the training device and gather episodes "
+                                  "there (small datasets: Omniglot's 25 MB as uint8); the episode indices "
+                                  "are still drawn on the CPU by the same sampler, so the episodes are the "
+                                  "same")
     preset: str | None = None
 
     def __post_init__(self) -> None:

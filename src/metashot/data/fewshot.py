@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -103,6 +104,32 @@ class FewShotDataset(Dataset):
         x = self.flat[indices]
         return x.float().div_(255) if x.dtype == torch.uint8 and self.scale else x
 
+    def to(self, device: torch.device | str) -> FewShotDataset:
+        """This dataset with ``flat`` on ``device`` (this one when it is there), for episodes gathered there
+        (:meth:`collate`); the class layout, and so the sampler, stay on the CPU."""
+        if self.flat.device == torch.device(device):
+            return self
+        moved = copy.copy(self)
+        moved.flat = self.flat.to(device)
+        return moved
+
+    def collate(self, items: Sequence[EpisodeIndex]) -> Episode:
+        """The batch [B, ...] of the ``items``' episodes gathered with one index of ``flat`` wherever it
+        lies: ``Episode.collate([self[i] for i in items])``, without a host wait on a device (the CPU
+        indices [B, N, K+Q] copied over through pinned memory)."""
+        indices = to_device(torch.stack([item.indices for item in items]), self.flat.device)
+        b, n, kq = indices.shape
+        k = items[0].shots
+        x = self.gather(indices)  # [B, N, K+Q, C, H, W]
+        labels = torch.arange(n, device=indices.device).view(1, n, 1)
+        return Episode(
+            support=x[:, :, :k].reshape(b, n * k, *x.shape[3:]),
+            support_labels=labels.repeat(b, 1, k).view(b, n * k),
+            query=x[:, :, k:].reshape(b, n * (kq - k), *x.shape[3:]),
+            query_labels=labels.repeat(b, 1, kq - k).view(b, n * (kq - k)),
+            num_ways=n,
+        )
+
     def __getitem__(self, item: EpisodeIndex) -> Episode:
         n, kq = item.indices.shape
         k = item.shots
@@ -151,6 +178,22 @@ class FewShotDataset(Dataset):
         return cls(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), names, sizes)
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """CPU tensor ``x`` on ``device`` without the host waiting for it: a CUDA copy from pinned memory,
+    asynchronous, that the caching host allocator keeps until it is done; ``x`` itself on the CPU."""
+    if device.type == "cuda":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
+class Items(Dataset):
+    """A sampler's items as they are, for a collate that gathers a whole batch at once
+    (:meth:`FewShotDataset.collate`)."""
+
+    def __getitem__(self, item: Any) -> Any:
+        return item
+
+
 def episode_loader(
     dataset: Dataset, sampler: EpisodeSampler, meta_batch: int = 1, world_size: int = 1,
     num_workers: int = 0, pin_memory: bool = False, collate_fn: Callable[[list[Any]], Any] = Episode.collate,
@@ -165,3 +208,12 @@ def episode_loader(
         num_workers=num_workers, pin_memory=pin_memory, generator=torch.Generator(),
         persistent_workers=False,
     )
+
+
+def device_episode_loader(
+    dataset: FewShotDataset, sampler: EpisodeSampler, meta_batch: int = 1, world_size: int = 1
+) -> DataLoader:
+    """:func:`episode_loader`'s batches, each gathered at once where ``dataset.flat`` lies
+    (:meth:`FewShotDataset.collate`; on a device with :meth:`FewShotDataset.to`): in this process and not
+    pinned, the images being there already."""
+    return episode_loader(Items(), sampler, meta_batch, world_size, collate_fn=dataset.collate)

@@ -17,6 +17,7 @@ import os
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,11 +28,18 @@ import torch
 from metashot.config import Config, check_device
 from metashot.data.augment import AUGMENTS, Augment
 from metashot.data.download import cache_path
-from metashot.data.examples import ExampleSet, example_loader
-from metashot.data.fewshot import FewShotDataset, episode_loader
+from metashot.data.examples import ExampleIndex, ExampleSet, example_loader
+from metashot.data.fewshot import FewShotDataset, Items, episode_loader
 from metashot.data.imagecache import Part, build_cache, fingerprint, load_cache, locked
-from metashot.data.rawbatches import IndexedEpisodes, collate_episodes, collate_examples
-from metashot.data.sources import PARTS, FewShotSource, class_key, read_files
+from metashot.data.rawbatches import (
+    IndexedEpisodes,
+    RawEpisodes,
+    RawExamples,
+    collate_episodes,
+    collate_examples,
+)
+from metashot.data.sampling import EpisodeIndex
+from metashot.data.sources import PARTS, DeviceExampleSet, FewShotSource, class_key, read_files
 from metashot.errors import DataError
 from metashot.nn.backbones import is_pretrained
 
@@ -115,6 +123,10 @@ class ImageSetSource(FewShotSource):
             raise ValueError(f"unknown {self.name} task_args {sorted(args)}")
         if self.workers < 0 or self.image_size < 8:
             raise ValueError(f"need workers >= 0 and image_size >= 8, got {self.workers}, {self.image_size}")
+        if cfg.data_on_device and (self.workers or self.pin_memory):
+            raise ValueError("task_args workers and pin_memory are for episodes gathered on the CPU; with "
+                             "--data-on-device they are gathered on the device in this process: leave them "
+                             "out")
         if self.duplicates not in DUPLICATES:
             raise ValueError(f"duplicates must be one of {DUPLICATES}, got {self.duplicates!r}")
         if kind not in AUGMENTS:
@@ -230,13 +242,23 @@ class ImageSetSource(FewShotSource):
 
     def episode_batches(self, part: str, episodes: int, **stream: int) -> Iterable[Any]:
         sampler = self.sampler(part, episodes, **stream)
-        collate = partial(collate_episodes, augment=self.augment, seed=stream["seed"], train=part == "train",
+        train = part == "train"
+        if self.cfg.data_on_device:  # raw episodes gathered there at once, augmented there when moved
+            collate = partial(raw_episodes, data=self.gathered(part), augment=self.augment,
+                              seed=stream["seed"], train=train)
+            return episode_loader(Items(), sampler, self.cfg.meta_batch, stream["world_size"],
+                                  collate_fn=collate)
+        collate = partial(collate_episodes, augment=self.augment, seed=stream["seed"], train=train,
                           finish=self._finish)
         return episode_loader(IndexedEpisodes(self.dataset(part)), sampler, self.cfg.meta_batch,
                               stream["world_size"], self.workers, self._pin, collate)
 
     def example_batches(self, part: str, examples: int, **stream: int) -> Iterable[Any]:
         sampler = self.example_sampler(part, examples, **stream)
+        if self.cfg.data_on_device:
+            on = DeviceExampleSet(self.gathered(part))
+            collate = partial(raw_examples, data=on, augment=self.augment, seed=stream["seed"])
+            return example_loader(on, sampler, self.cfg.batch_size, stream["world_size"], collate_fn=collate)
         data = ExampleSet(self.dataset(part))
         collate = partial(collate_examples, data=data, augment=self.augment, seed=stream["seed"],
                           finish=self._finish)
@@ -248,3 +270,19 @@ class ImageSetSource(FewShotSource):
         return {**super().report(), "root": str(self.root), "layout": self.layout.name,
                 "layout_files": self.layout.files, "options": self.layout.key(),
                 "cache": str(self._cache("train")[0].parent)}
+
+
+def raw_episodes(
+    items: list[EpisodeIndex], data: FewShotDataset, augment: Augment, seed: int, train: bool
+) -> RawEpisodes:
+    """:func:`~metashot.data.rawbatches.collate_episodes`' batch of ``items`` (not finished), gathered at
+    once where ``data.flat`` lies (:meth:`FewShotDataset.collate`)."""
+    return RawEpisodes(data.collate(items), torch.tensor([i.episode for i in items]), augment, seed, train)
+
+
+def raw_examples(
+    items: list[ExampleIndex], data: DeviceExampleSet, augment: Augment, seed: int
+) -> RawExamples:
+    """:func:`~metashot.data.rawbatches.collate_examples`' batch of ``items`` (not finished), gathered where
+    ``data``'s images lie; the stream positions that fix the augmentation stay on the CPU, where it draws."""
+    return RawExamples(replace(data.collate(items), index=torch.tensor([i for i, _ in items])), augment, seed)

@@ -18,10 +18,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from metashot.batches import TaskInfo
-from metashot.config import Config
+from metashot.batches import Examples, TaskInfo
+from metashot.config import Config, check_device
 from metashot.data.examples import ExampleSampler, ExampleSet, example_loader
-from metashot.data.fewshot import FewShotDataset, episode_loader
+from metashot.data.fewshot import FewShotDataset, device_episode_loader, episode_loader, to_device
 from metashot.data.images import read_images
 from metashot.data.sampling import EpisodeSampler
 from metashot.errors import ConfigError, DataError
@@ -31,9 +31,10 @@ PARTS = ("train", "val", "test")
 
 class TaskSource(ABC):
     """``kinds``: the kinds of batch (:data:`~metashot.batches.BATCH_KINDS`) the source serves, the first
-    its default."""
+    its default; ``device_kinds``: those it can gather on the training device (``cfg.data_on_device``)."""
 
     kinds: ClassVar[tuple[str, ...]] = ("episodes",)
+    device_kinds: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -49,12 +50,15 @@ class TaskSource(ABC):
 
     def check_kind(self, kind: str | None) -> str:
         """``kind``, or the source's default kind for None; a :class:`ConfigError` when the source does not
-        serve ``kind`` batches."""
-        if kind is None:
-            return self.kinds[0]
+        serve ``kind`` batches, or not on the device that ``cfg.data_on_device`` asks for."""
+        kind = self.kinds[0] if kind is None else kind
         if kind not in self.kinds:
             raise ConfigError(f"--task {self.cfg.task} serves {' and '.join(self.kinds)}, not {kind}; "
                               "pick a task that serves what the method trains on")
+        if self.cfg.data_on_device and kind not in self.device_kinds:
+            raise ConfigError(f"--data-on-device: --task {self.cfg.task} gathers its {kind} on the CPU; only "
+                              "the image tasks' episodes and examples (omniglot, folder, miniimagenet, ...) "
+                              "are gathered on the device")
         return kind
 
     @abstractmethod
@@ -107,6 +111,11 @@ class FewShotSource(TaskSource):
     classes."""
 
     kinds = ("episodes", "examples")
+    device_kinds = ("episodes", "examples")
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self._on_device: dict[str, FewShotDataset] = {}  # with cfg.data_on_device (:meth:`gathered`)
 
     @abstractmethod
     def dataset(self, part: str) -> FewShotDataset: ...
@@ -148,6 +157,15 @@ class FewShotSource(TaskSource):
             pixels.update(data.flat[start:start + 1024].contiguous().numpy().tobytes())
         return {"images": pixels.hexdigest(), "classes": class_key(data)}
 
+    def gathered(self, part: str) -> FewShotDataset:
+        """``part``'s dataset where its batches are gathered: with ``cfg.data_on_device`` a copy on the
+        training device (:func:`data_device`), made once and kept; else :meth:`dataset` itself."""
+        if not self.cfg.data_on_device:
+            return self.dataset(part)
+        if part not in self._on_device:
+            self._on_device[part] = self.dataset(part).to(data_device(self.cfg))
+        return self._on_device[part]
+
     def episode_shape(self, part: str) -> tuple[int, int, int]:
         """Ways, shots and queries per class of ``part``'s episodes (training has its own)."""
         c = self.cfg
@@ -179,14 +197,39 @@ class FewShotSource(TaskSource):
     def episode_batches(self, part: str, episodes: int, **stream: int) -> Iterable[Any]:
         """:meth:`loader`'s batches of ``meta_batch`` episodes; ``stream`` as in :meth:`sampler`."""
         sampler = self.sampler(part, episodes, **stream)
-        return episode_loader(self.dataset(part), sampler, self.cfg.meta_batch, stream["world_size"])
+        loader = device_episode_loader if self.cfg.data_on_device else episode_loader
+        return loader(self.gathered(part), sampler, self.cfg.meta_batch, stream["world_size"])
 
     def example_batches(self, part: str, examples: int, **stream: int) -> Iterable[Any]:
         """:meth:`loader`'s :class:`~metashot.batches.Examples` of ``batch_size`` examples of the train
         part; ``stream`` as in :meth:`sampler`."""
         sampler = self.example_sampler(part, examples, **stream)
-        data = ExampleSet(self.dataset(part))
+        data = (DeviceExampleSet if self.cfg.data_on_device else ExampleSet)(self.gathered(part))
         return example_loader(data, sampler, self.cfg.batch_size, stream["world_size"])
+
+
+class DeviceExampleSet(ExampleSet):
+    """An :class:`ExampleSet` whose :meth:`collate` gathers the images, their labels and stream positions
+    where ``data.flat`` lies (on a device with ``FewShotDataset.to``), the sampler's CPU indices copied
+    over without a host wait; the same batches as :meth:`ExampleSet.collate`."""
+
+    def __init__(self, data: FewShotDataset) -> None:
+        super().__init__(data)
+        self.labels = self.labels.to(data.flat.device)
+
+    def collate(self, items: Sequence[tuple[int, int]]) -> Examples:
+        pairs = torch.tensor(items, dtype=torch.long).T.contiguous()  # [2, B]: stream positions, images
+        index, examples = to_device(pairs, self.data.flat.device)
+        return Examples(self.data.gather(examples), self.labels[examples], index)
+
+
+def data_device(cfg: Config) -> torch.device:
+    """The device ``cfg.data_on_device`` puts a task's images on: this process's training device, as
+    :meth:`metashot.distributed.World.device` resolves it (auto; under torchrun the local rank's GPU)."""
+    env = os.environ
+    if int(env.get("WORLD_SIZE", "1")) == 1:
+        return check_device(cfg.device)
+    return check_device(cfg.device, int(env.get("LOCAL_RANK", "0")), int(env.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def read_files(paths: Sequence[str | os.PathLike], image_size: int, channels: int) -> torch.Tensor:
