@@ -43,12 +43,18 @@ BATCH_KINDS = ("episodes", "sequences", "examples")
 :class:`Examples` (plain labelled minibatches over every class of the training part)."""
 
 
+def move(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``x`` on ``device``: without waiting when it goes to an accelerator (a pinned batch's copy overlaps
+    the step), blocking when it comes back to the CPU, where an asynchronous copy would be read unfinished."""
+    return x.to(device, non_blocking=torch.device(device).type != "cpu")
+
+
 class TensorBatch:
     """A dataclass batch of tensors whose leading dimension is the batch: moved field by field, its
     length that dimension."""
 
     def to(self, device: torch.device | str) -> Self:
-        return type(self)(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
+        return type(self)(*(move(getattr(self, f.name), device) for f in fields(self)))
 
     def __len__(self) -> int:
         return getattr(self, fields(self)[0].name).shape[0]
@@ -98,7 +104,7 @@ class Episode:
     TENSORS = ("support", "support_labels", "query", "query_labels")
 
     def to(self, device: torch.device | str) -> Episode:
-        moved = (getattr(self, name).to(device, non_blocking=True) for name in self.TENSORS)
+        moved = (move(getattr(self, name), device) for name in self.TENSORS)
         return type(self)(*moved, num_ways=self.num_ways)
 
     @classmethod
