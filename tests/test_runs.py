@@ -21,8 +21,8 @@ from sklearn.neighbors import NearestCentroid
 from metashot import cli
 from metashot import io as metashot_io
 from metashot.config import Config
-from metashot.errors import NonFiniteError, RunFolderError
-from metashot.runs import RunFolder, evaluate_run, load_checkpoint
+from metashot.errors import ConfigError, NonFiniteError, RunFolderError
+from metashot.runs import RunFolder, evaluate_run, load_checkpoint, resume_config
 from metashot.train import Trainer, train
 
 TIME_COLUMNS = ("minutes",)
@@ -279,3 +279,10 @@ def test_evaluate_with_another_head_writes_its_own_result(protonet_run: Path,
     cosine = evaluate_run(protonet_run, head="prototype", head_args={"distance": "cosine"}, shots=1)
     assert json.loads((protonet_run / "result-head-prototype-5w1s.json").read_text()) == json.loads(
         cosine.to_json())
+
+
+def test_a_resume_may_move_the_data_to_the_device_but_not_change_the_recipe() -> None:
+    saved = Config(method="protonet")
+    assert resume_config(saved, {"data_on_device": True, "lr": saved.lr}).data_on_device
+    with pytest.raises(ConfigError, match=r"it cannot change --lr \(only --steps, .*--data-on-device\)"):
+        resume_config(saved, {"lr": 0.5})

@@ -64,7 +64,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    "preset's; a string field takes a bare word: --set schedule=cosine)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its last.pt, as configured; options given "
-                   "may change only its length, time limit, device, data folder and test episodes")
+                   "may change only its length, time limit, device, data folder, test episodes and "
+                   "--data-on-device")
     _trust_code_option(p)
     p.add_argument("--json", action="store_true", help="print the test result as one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -46,7 +46,7 @@ CSV_FIELDS = ["step", "episodes", "minutes", "lr", "train_loss", "train_metric",
 CSV_FORMATS = {"step": "d", "episodes": "d", "minutes": ".3f", "lr": ".3g", "max_memory_mb": ".1f"}
 OPTIONAL_FIELDS = ["max_memory_mb"]  # a row's peak GPU memory in MiB, on CUDA only (metashot.train)
 # What a resume may change; anything else would make the run a different experiment.
-RESUMABLE = ("steps", "max_minutes", "device", "test_episodes", "data_dir")
+RESUMABLE = ("steps", "max_minutes", "device", "test_episodes", "data_dir", "data_on_device")
 STAGES_FILE = "stages.json"  # the recipe of a staged run's folder (metashot.stages)
 
 
