@@ -145,7 +145,8 @@ def test_save_and_load_give_the_same_predictions(colours: Path, tmp_path: Path) 
 
 
 def _brute_force_temperature(support: torch.Tensor, labels: torch.Tensor, ways: int) -> float:
-    """Leave-one-out by hand (each prototype a loop's mean) and the NLL on a fine grid of T."""
+    """Leave-one-out by hand (each prototype a loop's mean) and the cross-entropy against the labels
+    smoothed by 1 / (L + 2) on a fine grid of T."""
     logits, targets = [], []
     for i in range(len(labels)):
         if int((labels == labels[i]).sum()) < 2:
@@ -157,8 +158,10 @@ def _brute_force_temperature(support: torch.Tensor, labels: torch.Tensor, ways: 
     z, y = torch.stack(logits).double(), torch.tensor(targets)
     grid = torch.logspace(-3, 3, 60001, dtype=torch.float64)
     log_p = (z / grid[:, None, None]).log_softmax(-1)  # [G, L, N]
-    nll = -log_p.gather(2, y.expand(len(grid), -1).unsqueeze(2)).mean((1, 2))
-    return float(grid[nll.argmin()])
+    eps = 1 / (len(y) + 2)
+    target = torch.nn.functional.one_hot(y, ways).double() * (1 - eps - eps / (ways - 1)) + eps / (ways - 1)
+    loss = -(log_p * target).sum(-1).mean(-1)
+    return float(grid[loss.argmin()])
 
 
 def test_leave_one_out_temperature_is_the_brute_force_one() -> None:
@@ -170,6 +173,16 @@ def test_leave_one_out_temperature_is_the_brute_force_one() -> None:
     t = fit_temperature(*scored)
     assert math.isclose(t, _brute_force_temperature(support, labels, 4), rel_tol=1e-3)
     assert leave_one_out(PrototypeHead(), support[:3], torch.tensor([0, 1, 2]), 3) is None
+
+
+def test_a_support_set_classified_perfectly_keeps_a_finite_temperature() -> None:
+    labels = torch.arange(3).repeat_interleave(4)
+    noise = torch.randn(12, 3, generator=torch.Generator().manual_seed(0))
+    support = torch.eye(3)[labels] * 10 + 0.01 * noise
+    log_p, y = leave_one_out(PrototypeHead(), support, labels, 3)
+    assert (log_p.argmax(-1) == y).all()  # the plain NLL would drive T to 0 and every probability to 1
+    p = (log_p / fit_temperature(log_p, y)).softmax(-1).max(-1).values
+    assert p.mean().item() == pytest.approx(1 - 1 / (12 + 2), abs=0.01)  # Laplace's (L + 1) / (L + 2)
 
 
 def test_one_image_per_class_is_uncalibrated(colours: Path, tmp_path: Path) -> None:

@@ -29,7 +29,8 @@ def autocast(method: Method, device: torch.device | str, precision: str) -> cont
     (:meth:`~metashot.methods.base.Method.autocast_safe`) and for bf16-all, else nothing (float32). The
     parameters, the optimizer and the gradients stay float32 either way."""
     if precision == "bf16-all" or (precision == "bf16" and method.autocast_safe()):
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+        # no weight cache: a head that trains at test time (linear, finetune) steps its weights inside
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 

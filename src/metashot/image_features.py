@@ -139,21 +139,23 @@ class RunFeatures(Features):
         from metashot.stages import stage_folder
 
         folder = RunFolder(stage_folder(run))
-        cfg = folder.load_config().replace(device=str(device)).validate()
+        cfg = folder.load_config(trust_code=True)  # nothing is imported before the check below
+        _refuse_code(cfg.backbone, folder.config_path)
+        cfg = cfg.replace(device=str(device)).validate()
         source, method = folder.method(cfg, checkpoint)
         return cls(cfg, source.task_info(type(method).train_batches), source, method, device)
 
     @classmethod
     def load(cls, saved: dict[str, Any], weights: dict[str, torch.Tensor], device: torch.device,
              path: Path) -> RunFeatures:
-        from metashot.batches import TaskInfo
         from metashot.config import Config
         from metashot.data.tasks import build_source
         from metashot.methods import build_method
         from metashot.predict import CONFIG_FILE, TENSORS_FILE
 
         cfg = Config.from_dict(saved["config"], f"{path / CONFIG_FILE}").replace(device=str(device))
-        info = TaskInfo(**{**saved["task_info"], "input_shape": tuple(saved["task_info"]["input_shape"])})
+        _refuse_code(cfg.backbone, path / CONFIG_FILE)
+        info = _task_info(saved.get("task_info"), path / CONFIG_FILE)
         method = build_method(cfg, info).to(device)
         load_weights(method, weights, path / TENSORS_FILE, path / CONFIG_FILE)
         return cls(cfg, info, build_source(cfg), method, device)
@@ -252,3 +254,28 @@ def features_for(
             raise ConfigError("--backbone-args go with --backbone; a run's backbone is the run's own")
         return RunFeatures.from_run(from_run, checkpoint, device)
     return PretrainedFeatures(backbone, backbone_args or {}, device)
+
+
+def _refuse_code(backbone: str | None, where: Path) -> None:
+    """A ConfigError for a backbone factory (code to import) named in a classifier folder: loading the
+    folder would run it."""
+    from metashot.nn.backbones import is_factory_path
+
+    if is_factory_path(backbone):
+        raise ConfigError(f"{where}: names the backbone factory {backbone!r}, code that a classifier would "
+                          "run when loaded; classifiers of runs with a backbone of one's own are unsupported")
+
+
+def _task_info(saved: Any, where: Path) -> Any:
+    """The TaskInfo saved in a classifier folder, its fields checked as data."""
+    from metashot.batches import TaskInfo
+
+    fields = {"input_shape", "ways", "train_ways", "regression", "train_classes"}
+    needed = {"input_shape", "ways", "train_ways"}
+    ok = isinstance(saved, dict) and needed <= set(saved) <= fields
+    shape = saved.get("input_shape") if ok else None
+    ok = ok and isinstance(shape, list) and all(type(v) is int and v > 0 for v in shape) and all(
+        type(saved[k]) is (bool if k == "regression" else int) for k in saved if k != "input_shape")
+    if not ok:
+        raise ConfigError(f"{where}: its task_info is not a task's description; the folder is damaged")
+    return TaskInfo(**{**saved, "input_shape": tuple(shape)})

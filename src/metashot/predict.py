@@ -66,20 +66,27 @@ def leave_one_out(
 
 
 def fit_temperature(log_p: torch.Tensor, labels: torch.Tensor, levels: int = 6) -> float:
-    """The T minimising the mean NLL of softmax(log_p / T) [L, N] at ``labels`` [L]: a grid of 33 values
+    """The T minimising the mean cross-entropy of softmax(log_p / T) [L, N] against ``labels`` [L]
+    smoothed by eps = 1 / (L + 2): L left-out images all classified right are evidence for an accuracy of
+    (L + 1) / (L + 2) (Laplace's rule of succession), not 1, so a support set that leave-one-out classifies
+    perfectly still gets a finite T instead of T -> 0 and probabilities of exactly 1. A grid of 33 values
     of log T spanning e^+-8 around the log-probs' own scale, then grids ever finer around the best (the
-    NLL is convex in 1 / T, so unimodal in log T), to 1e-5 in log T. 1 when all log-probs are equal."""
+    loss is convex in 1 / T, so unimodal in log T), to 1e-5 in log T. 1 when all log-probs are equal."""
     z = log_p.double()
     z = z - z.amax(-1, keepdim=True)
     gaps = z[z.isfinite() & (z < 0)]
     if not len(gaps):
         return 1.0
+    z = z.clamp(min=2 * float(gaps.min()))  # a class scored -inf: far, but finite under smoothing
+    n = z.shape[-1]
+    eps = 1 / (len(labels) + 2)
+    target = torch.full_like(z, eps / (n - 1)).scatter_(1, labels.unsqueeze(1), 1 - eps)
     centre, half = float(gaps.abs().mean().log()), 8.0
     for _ in range(levels):
         grid = torch.linspace(centre - half, centre + half, 33, dtype=z.dtype, device=z.device)
         log_q = (z / grid.exp()[:, None, None]).log_softmax(-1)  # [33, L, N]
-        nll = -log_q.gather(2, labels.expand(len(grid), -1).unsqueeze(2)).mean((1, 2))
-        centre, half = float(grid[nll.argmin()]), half / 16
+        loss = -(log_q * target).sum(-1).mean(-1)
+        centre, half = float(grid[loss.argmin()]), half / 16
     return math.exp(centre)
 
 
