@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from metashot import cli, distributed
-from metashot.config import Config, check_device, numerics, pick_device
+from metashot.config import Config, check_device, local_placement, numerics, pick_device
 from metashot.distributed import World
 from metashot.errors import ConfigError
 from metashot.evaluate import Result
@@ -254,3 +254,18 @@ def test_on_cuda_a_resume_keeps_adams_counters_on_the_cpu_and_replays_the_gpus_r
     rows = resumed.progress.rows
     assert rows and all(row["max_memory_mb"] > 0 for row in rows)
     assert resumed.test().max_memory_mb >= max(row["max_memory_mb"] for row in rows)
+
+
+@pytest.mark.parametrize(("env", "placement"), [
+    ({}, (0, 1)), ({"LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "4"}, (2, 4)),
+    ({"LOCAL_RANK": "3"}, (3, 4)),  # a launcher without LOCAL_WORLD_SIZE: rank 3 still takes cuda:3
+])
+def test_local_placement(env: dict[str, str], placement: tuple[int, int],
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert local_placement() == placement
+    assert pick_device("auto", 4, False, *placement) == ("cuda:3" if env == {"LOCAL_RANK": "3"} else
+                                                         "cuda" if placement == (0, 1) else "cuda:2")

@@ -311,6 +311,15 @@ def test_a_run_classifies_files_as_its_own_head_classifies_its_images(
     loaded = FewShotClassifier.load(clf)
     stored = loaded.predict(images[:, 2:].flatten(0, 1))[0]  # tensors: the task's stored images
     assert stored == [r["class"] for r in rows]
+    # a classifier folder is data: one naming code to import is refused before anything runs
+    saved = json.loads((clf / "classifier.json").read_text())
+    marker = tmp_path / "ran"
+    saved["features"]["config"]["backbone"] = "subprocess:run"
+    saved["features"]["task_info"]["input_shape"] = ["sh", "-c", f"touch {marker}"]
+    (clf / "classifier.json").write_text(json.dumps(saved))
+    code, out, err = _cli(["predict", str(clf), str(tmp_path / "query")], capsys)
+    assert code == 2 and "names the backbone factory 'subprocess:run', code that a classifier" in err
+    assert not marker.exists()
 
 
 def test_a_tiny_dinov2_saved_locally_fits_and_predicts_by_its_folder(

@@ -349,6 +349,14 @@ def pick_device(name: str, cuda_count: int, mps: bool, local_rank: int = 0, loca
     return f"cuda:{local_rank}"
 
 
+def local_placement() -> tuple[int, int]:
+    """This process's local rank and the processes on its machine: ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE``
+    as torchrun sets them. A launcher that sets only ``LOCAL_RANK`` (some srun or mpirun wrappers) gives
+    at least ``LOCAL_RANK + 1`` processes, so that rank still takes its own GPU, not the first."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return local_rank, int(os.environ.get("LOCAL_WORLD_SIZE") or 0) or local_rank + 1
+
+
 def check_device(name: str, local_rank: int = 0, local_size: int = 1) -> torch.device:
     """``name`` as a device this machine has, for local rank ``local_rank`` of ``local_size`` processes
     (:func:`pick_device`: auto resolved, a rank's own GPU), else :class:`ConfigError`."""

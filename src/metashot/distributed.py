@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from metashot.config import check_device
+from metashot.config import check_device, local_placement
 from metashot.errors import ConfigError, MetashotError
 
 T = TypeVar("T")
@@ -51,8 +51,7 @@ class World:
         size = int(os.environ.get("WORLD_SIZE", "1"))
         if size == 1:
             return cls(home=check_device(device))
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        rank, (local_rank, local_size) = int(os.environ["RANK"]), local_placement()
         home = check_device(device, local_rank, local_size)
         if home.type == "cuda":
             torch.cuda.set_device(home)  # checked against the GPUs this rank sees

@@ -238,11 +238,14 @@ class FewShotClassifier:
         state = load_checkpoint(path / TENSORS_FILE)
         dev = _device(device)
         kinds = {k.__name__: k for k in (PretrainedFeatures, RunFeatures)}
-        features = kinds[saved["features"]["kind"]].load(saved["features"], state["method"], dev, path)
-        head, _, _ = _head(saved["head"], saved["head_args"], features)
-        return cls(features, head, saved["head"], saved["head_args"], saved["classes"], state["support"],
-                   state["labels"], saved["temperature"], saved["calibrated"], saved["threshold"],
-                   saved["seed"])
+        try:
+            features = kinds[saved["features"]["kind"]].load(saved["features"], state["method"], dev, path)
+            head, _, _ = _head(saved["head"], saved["head_args"], features)
+            return cls(features, head, saved["head"], saved["head_args"], saved["classes"], state["support"],
+                       state["labels"], saved["temperature"], saved["calibrated"], saved["threshold"],
+                       saved["seed"])
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{path / CONFIG_FILE}: damaged or not metashot's (no valid {e})") from None
 
     @contextmanager
     def _seeded(self) -> Iterator[None]:

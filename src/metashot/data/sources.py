@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from metashot.batches import Examples, TaskInfo
-from metashot.config import Config, check_device
+from metashot.config import Config, check_device, local_placement
 from metashot.data.examples import ExampleSampler, ExampleSet, example_loader
 from metashot.data.fewshot import FewShotDataset, device_episode_loader, episode_loader, to_device
 from metashot.data.images import read_images
@@ -226,10 +226,9 @@ class DeviceExampleSet(ExampleSet):
 def data_device(cfg: Config) -> torch.device:
     """The device ``cfg.data_on_device`` puts a task's images on: this process's training device, as
     :meth:`metashot.distributed.World.device` resolves it (auto; under torchrun the local rank's GPU)."""
-    env = os.environ
-    if int(env.get("WORLD_SIZE", "1")) == 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return check_device(cfg.device)
-    return check_device(cfg.device, int(env.get("LOCAL_RANK", "0")), int(env.get("LOCAL_WORLD_SIZE", "1")))
+    return check_device(cfg.device, *local_placement())
 
 
 def read_files(paths: Sequence[str | os.PathLike], image_size: int, channels: int) -> torch.Tensor:
