@@ -390,29 +390,26 @@ def _hf_pool(
 
 
 def _hf_identity(transformers: Any, source: str, revision: str | None) -> dict[str, Any]:
-    """The config's sha256 and the weights' fingerprint: the hub commit, or a sampled hash of a local
-    folder's weight files (:func:`_sampled_sha256`)."""
+    """The config's sha256 and the weights' fingerprint: the hub commit, or the sha256 of each of a local
+    folder's weight files."""
     config = Path(transformers.utils.cached_file(source, "config.json", revision=revision))
     folder = config.parent
     if folder.parent.name == "snapshots":  # the hub cache: one folder per commit
         weights: dict[str, Any] = {"commit": folder.name}
     else:
         files = sorted(p for p in folder.iterdir() if p.name.endswith((".safetensors", ".index.json")))
-        weights = {"files": {p.name: _sampled_sha256(p) for p in files}}
+        weights = {"files": {p.name: _file_sha256(p) for p in files}}
     return {"revision": revision, "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
             "weights": weights}
 
 
-def _sampled_sha256(path: Path, chunks: int = 16, chunk: int = 1 << 16) -> str:
-    """A content fingerprint of a weights file that a copy keeps: sha256 of its size, its first MiB
-    (a safetensors header) and ``chunks`` slices spread over the rest; reading a few MiB, not gigabytes."""
-    size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
+def _file_sha256(path: Path) -> str:
+    """The sha256 of a weights file's whole content: a copy keeps it, any changed weight changes it (about
+    a second per GB, once per load)."""
+    digest = hashlib.sha256()
     with path.open("rb") as f:
-        digest.update(f.read(1 << 20))
-        for k in range(chunks):
-            f.seek(size * k // chunks)
-            digest.update(f.read(chunk))
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
     return digest.hexdigest()
 
 
