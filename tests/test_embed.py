@@ -110,7 +110,7 @@ def test_bad_input_is_one_line(run: Path, cache: Path, tmp_path: Path, capsys: p
         "but the dataset has 45",
         (*features, "--head", "prototype", "--shots", "10", "--queries", "15"): "feature cache: shots + "
         "queries = 10 + 15 = 25 examples per class, but each class has 20",
-        (*features, "--head", "prototype", "--queries", "-1"): "--queries must be at least 0, got -1",
+        (*features, "--head", "prototype", "--queries", "0"): "--queries must be at least 1, got 0",
         (*features, "--head", "prototype", str(run)): "evaluate takes a run folder or --features CACHE",
     }
     for argv, message in cases.items():

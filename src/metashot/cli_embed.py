@@ -152,8 +152,8 @@ def evaluate_features(args: argparse.Namespace) -> int:
     for name in ("test_episodes", "ways", "shots"):
         if (value := getattr(args, name)) is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.queries is not None and args.queries < 0:
-        raise ConfigError(f"--queries must be at least 0, got {args.queries}")
+    if args.queries is not None and args.queries < 1:
+        raise ConfigError(f"--queries must be at least 1, got {args.queries}")
     cache = features.FeatureCache.load(args.features)
     cache.check(args.features)
     result = features.evaluate_features(

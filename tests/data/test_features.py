@@ -142,10 +142,10 @@ def test_a_task_without_images_says_so(task: str, omniglot_small_dir: Path) -> N
 
 # the embedding cache (metashot.data.features)
 
-def _conv4(input_shape: tuple[int, ...], seed: int = 0) -> nn.Module:
+def _conv4(input_shape: tuple[int, ...], seed: int = 0, **args: float) -> nn.Module:
     """A small Conv4 with fixed random weights: a frozen encoder."""
     torch.manual_seed(seed)
-    return conv4(input_shape, hidden=8)
+    return conv4(input_shape, hidden=8, **args)
 
 
 def _same_result(on_features: Result, on_images: Result) -> None:
@@ -212,8 +212,9 @@ def test_a_cache_is_kept_while_its_key_holds_and_rebuilt_when_stale(patterns: Pa
     assert _same_cache(FeatureCache.load(path), first)
     changes = [  # what changed, and the key's fields that say so
         (_conv4((1, 16, 16), seed=1), _folder(patterns), ["backbone.state"]),
-        (_Pretrained(224), _folder(patterns), ["backbone.class", "backbone.state", "backbone.name",
-                                               "backbone.preprocessing"]),
+        (_conv4((1, 16, 16), seed=1, norm_eps=0.5), _folder(patterns), ["backbone.structure"]),  # eps
+        (_Pretrained(224), _folder(patterns), ["backbone.class", "backbone.state", "backbone.structure",
+                                               "backbone.name", "backbone.preprocessing"]),
         (_Pretrained(336), _folder(patterns), ["backbone.preprocessing"]),
         (_Pretrained(336), _folder(patterns, 20), ["task_args.image_size", "data.images"]),
     ]

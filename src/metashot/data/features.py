@@ -40,7 +40,7 @@ VERSION = 1
 
 def backbone_key(backbone: nn.Module) -> dict[str, Any]:
     """What identifies a backbone's features: its ``reference()`` when it has one (a pretrained model's
-    name, weights and preprocessing), else its class and a hash of its state_dict."""
+    name, weights and preprocessing), else its class, a hash of its state_dict and one of its structure."""
     reference = getattr(backbone, "reference", None)
     if callable(reference):
         return reference()
@@ -49,7 +49,10 @@ def backbone_key(backbone: nn.Module) -> dict[str, Any]:
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     cls = type(backbone)
-    return {"class": f"{cls.__module__}.{cls.__qualname__}", "state": h.hexdigest()[:32]}
+    # the module's repr names its layers' arguments (a batch norm's eps, ...), which the state does not hold
+    structure = hashlib.sha256(repr(backbone).encode()).hexdigest()[:32]
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", "state": h.hexdigest()[:32],
+            "structure": structure}
 
 
 def cache_key(backbone: nn.Module, source: FewShotSource, part: str) -> dict[str, Any]:
@@ -113,6 +116,8 @@ class FeatureCache:
         except (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, UnpicklingError) as e:
             text = str(e).strip()
             reason = f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+            if isinstance(e, UnpicklingError):  # not torch's advice to unpickle it anyway: never here
+                reason = "it holds more than tensors and plain data, which metashot does not unpickle"
             raise ConfigError(f"{path}: not a metashot feature cache ({reason})") from None
         if meta["version"] != VERSION:
             raise ConfigError(f"{path}: a feature cache of version {meta['version']}, this metashot reads "
