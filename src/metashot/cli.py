@@ -319,7 +319,10 @@ COMMANDS = {"train": _train_command, "evaluate": _evaluate, "data": _data, "pres
 
 
 def _run(args: argparse.Namespace) -> int:
-    return COMMANDS[args.command](args)
+    from metashot.config import numerics
+
+    with numerics():  # true float32 for embed, fit and predict too; a run's commands state their own
+        return COMMANDS[args.command](args)
 
 
 def _print(result: Result | SeedSummary, as_json: bool) -> None:

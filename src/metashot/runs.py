@@ -31,7 +31,7 @@ from torch import nn
 
 from metashot.checkpoints import load_checkpoint, load_weights, mismatch, serialized
 from metashot.checkpoints import save_checkpoint as save_checkpoint
-from metashot.config import Config, check_device, option_name
+from metashot.config import Config, check_device, numerics, option_name
 from metashot.errors import CheckpointError, ConfigError, RunFolderError
 from metashot.evaluate import Result, SeedSummary
 from metashot.io import atomic_write, atomic_write_all, atomic_write_text
@@ -296,7 +296,8 @@ def evaluate_run(
     if new_head is not None:
         method = _with_head(method, new_head, head, folder.path)
     batches = source.loader("test", cfg.test_episodes, seed=cfg.seed, kind=type(method).test_batches)
-    result = evaluate(method, batches, check_device(cfg.device), progress, precision=cfg.precision)
+    with numerics(cfg.precision, cfg.deterministic):  # the run's own, as its training and test had
+        result = evaluate(method, batches, check_device(cfg.device), progress, precision=cfg.precision)
     parts = ["result", *([f"head-{head}"] if head else []), *([f"{cfg.ways}w{cfg.shots}s"] * bool(changes))]
     folder.write_result(result, "-".join(parts) + ".json")
     return result
