@@ -130,3 +130,19 @@ def test_the_trainer_and_evaluator_run_protonet_under_bf16(patterns: Path, tmp_p
     assert b["train_loss"] != a["train_loss"] and b["train_loss"] == pytest.approx(a["train_loss"],
                                                                                    rel=RUN_RTOL)
     assert b["val_metric"] == pytest.approx(a["val_metric"], abs=0.25)  # 4 episodes of 6 queries
+
+
+def test_a_head_that_trains_at_test_time_learns_under_bf16() -> None:
+    from metashot.methods import build_head
+
+    g = torch.Generator().manual_seed(0)
+    centres = 3 * torch.randn(5, 16, generator=g)
+    labels = torch.arange(5).repeat(2)[None]
+    support = centres[labels] + 0.1 * torch.randn(1, 10, 16, generator=g)
+    query = centres[torch.arange(5)][None] + 0.1 * torch.randn(1, 5, 16, generator=g)
+    proto = build_head("prototype")  # any module: bf16-all asks no method
+    for name in ("linear", "cosine"):
+        head = build_head(name)
+        with autocast(proto, "cpu", "bf16-all"):  # a cached bf16 copy of its weights would never move
+            acc = (head(query, support, labels, 5).argmax(-1) == torch.arange(5)).float().mean()
+        assert acc == 1.0, name

@@ -101,7 +101,9 @@ class Preprocessing:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Float images [M, C, h, w] in [0, 1] (C 1 or 3, any size; uint8 is divided by 255) -> [M, 3, H, W]
         normalised: grey repeated to RGB, resized and cropped (antialiased) only when (h, w) != size,
-        then (x - mean) / std."""
+        then (x - mean) / std. Images already at ``size`` are taken as resized and cropped (as
+        :meth:`read` leaves them): a raw picture that happens to be that size is not zoomed as its file
+        would be."""
         if x.dim() != 4 or x.shape[1] not in (1, 3):
             raise ValueError(f"expected images [M, 1 or 3, h, w], got shape {tuple(x.shape)}")
         x = x.float() / 255 if not x.is_floating_point() else x
