@@ -11,7 +11,8 @@ from metashot.nn.backbones import (
     is_pretrained,
     make_backbone,
 )
-from metashot.nn.pretrained import Preprocessing, PretrainedBackbone, pretrained
+from metashot.nn.preprocessing import Preprocessing
+from metashot.nn.pretrained import PretrainedBackbone, pretrained
 
 __all__ = [
     "BACKBONES", "PRETRAINED", "Conv4", "DropBlock", "MLP", "Preprocessing", "PretrainedBackbone", "ResNet12",
