@@ -14,16 +14,6 @@ from typing import Any
 from metashot.errors import DataError
 
 
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"key\": 1}}', got {text!r}")
-    return value
-
-
 def _probability(text: str) -> float:
     try:
         p = float(text)
@@ -46,6 +36,7 @@ def _positive(text: str) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``fit``'s and ``predict``'s parsers to the metashot command's sub-parsers."""
+    from metashot.cli import _json_object  # loaded: it is the command that calls this
     from metashot.methods import HEADS
 
     f = sub.add_parser(
