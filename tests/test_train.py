@@ -230,6 +230,11 @@ def test_uninterrupted_holds_a_signal_to_its_end_and_keeps_a_step_signal() -> No
         assert signals.pending == signal.SIGINT and not signals.in_step
     with uninterrupted():  # no handlers installed: nothing to hold
         pass
+    with signals:
+        with StopSignals():  # a trainer's inside the command's
+            pass
+        assert StopSignals.active is signals  # the command's episodes are held again
+    assert StopSignals.active is None
 
 
 def test_a_signal_during_an_evaluation_episode_stops_at_its_end(tmp_path: Path) -> None:

@@ -49,17 +49,18 @@ class StopSignals:
         self.pending: int | None = None
         self.in_step = False
         self._previous: dict[int, Any] = {}
+        self._outer: StopSignals | None = None
 
     def __enter__(self) -> StopSignals:
         self.pending, self.in_step = None, False
         self._previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
-        StopSignals.active = self
+        self._outer, StopSignals.active = StopSignals.active, self
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
         self.in_step = False
-        StopSignals.active = None
+        StopSignals.active = self._outer  # a trainer's inside the command's: the command's again
         for s, handler in self._previous.items():
             signal.signal(s, handler)
 
