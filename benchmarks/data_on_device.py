@@ -40,9 +40,10 @@ import torch
 
 from metashot import presets
 from metashot.batches import Episode
-from metashot.config import Config, check_device
+from metashot.config import Config
 from metashot.data.fewshot import episode_loader
 from metashot.data.tasks import build_source
+from metashot.devices import check_device
 
 SHAPES = ("maml-omniglot-20w1s", "protonet-omniglot-20w1s")
 

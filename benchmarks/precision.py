@@ -35,8 +35,9 @@ from typing import Any
 import torch
 
 from metashot import presets
-from metashot.config import Config, numerics
+from metashot.config import Config
 from metashot.data.tasks import checked_source
+from metashot.devices import numerics
 from metashot.evaluate import autocast
 from metashot.methods import build_method, method_class
 from metashot.train import Trainer

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from metashot import cli, distributed
-from metashot.config import Config, check_device, local_placement, numerics, pick_device
+from metashot.config import Config
+from metashot.devices import check_device, local_placement, numerics, pick_device
 from metashot.distributed import World
 from metashot.errors import ConfigError
 from metashot.evaluate import Result

@@ -319,7 +319,7 @@ COMMANDS = {"train": _train_command, "evaluate": _evaluate, "data": _data, "pres
 
 
 def _run(args: argparse.Namespace) -> int:
-    from metashot.config import numerics
+    from metashot.devices import numerics
 
     with numerics():  # true float32 for embed, fit and predict too; a run's commands state their own
         return COMMANDS[args.command](args)

@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from metashot.config import Config, check_device
+from metashot.config import Config
 from metashot.data.download import user_cache_dir
 from metashot.data.sources import PARTS, FewShotSource
+from metashot.devices import check_device
 from metashot.errors import ConfigError, MetashotError
 
 

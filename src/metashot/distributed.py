@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from metashot.config import check_device, local_placement
+from metashot.devices import check_device, local_placement
 from metashot.errors import ConfigError, MetashotError
 
 T = TypeVar("T")
@@ -44,7 +44,7 @@ class World:
     @classmethod
     def from_env(cls, device: str, timeout_minutes: float = 10.0) -> World:
         """The world torchrun set up (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``), joined,
-        on ``device`` resolved for this rank (:func:`metashot.config.check_device`); one process without
+        on ``device`` resolved for this rank (:func:`metashot.devices.check_device`); one process without
         it. The backend is nccl on CUDA, else gloo; ``METASHOT_DIST_BACKEND`` (gloo, nccl) chooses
         another, e.g. gloo for ranks sharing one GPU. A rank that waits longer than ``timeout_minutes`` on
         a dead peer gives up. The group is destroyed when the process exits, however it ends."""
@@ -103,7 +103,7 @@ class World:
                                   "needs an episode")
 
     def device(self, name: str) -> torch.device:
-        """``name`` on this rank (:func:`metashot.config.check_device`): auto resolved, a CUDA device
+        """``name`` on this rank (:func:`metashot.devices.check_device`): auto resolved, a CUDA device
         this rank's own GPU."""
         return check_device(name, self.local_rank, self.local_size)
 

@@ -53,8 +53,8 @@ def plot_sinusoid(
     import matplotlib.pyplot as plt
     import torch
 
-    from metashot.config import check_device
     from metashot.data.sinusoid import X_RANGE, SinusoidSampler
+    from metashot.devices import check_device
     from metashot.errors import ConfigError
     from metashot.runs import RunFolder
 

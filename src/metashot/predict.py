@@ -263,7 +263,7 @@ def _threshold(p: float) -> float:
 
 
 def _device(name: str | None) -> torch.device:
-    from metashot.config import check_device
+    from metashot.devices import check_device
 
     return check_device(name or "auto")
 

@@ -31,7 +31,8 @@ from torch import nn
 
 from metashot.checkpoints import load_checkpoint, load_weights, mismatch, serialized
 from metashot.checkpoints import save_checkpoint as save_checkpoint
-from metashot.config import Config, check_device, numerics, option_name
+from metashot.config import Config, option_name
+from metashot.devices import check_device, numerics
 from metashot.errors import CheckpointError, ConfigError, RunFolderError
 from metashot.evaluate import Result, SeedSummary
 from metashot.io import atomic_write, atomic_write_all, atomic_write_text

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from metashot import loggers
-from metashot.config import Config, check_device, stage_marker
+from metashot.config import Config, stage_marker
+from metashot.devices import check_device
 from metashot.distributed import World
 from metashot.errors import ConfigError, RunFolderError
 from metashot.evaluate import Result

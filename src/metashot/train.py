@@ -19,8 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from metashot import loggers
-from metashot.config import Config, numerics
+from metashot.config import Config
 from metashot.data.tasks import TaskSource, checked_source
+from metashot.devices import numerics
 from metashot.distributed import RunningStats, World
 from metashot.errors import ConfigError, NonFiniteError
 from metashot.evaluate import Result, autocast, evaluate, peak_memory_mb

@@ -13,14 +13,7 @@ from benchmarks.sync_census import CASES, census, host_reads, make_case, train_s
 from metashot.batches import SequenceBatch
 from metashot.data.sequences import instance_counts
 from metashot.methods.mann import accuracy_by_instance
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.methods.test_maml import _one_thread  # noqa: F401 (a fixture)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from metashot.config import Config, check_device
+from metashot.config import Config
 from metashot.data.augment import AUGMENTS, Augment
 from metashot.data.download import cache_path
 from metashot.data.examples import ExampleIndex, ExampleSet, example_loader
@@ -40,6 +40,7 @@ from metashot.data.rawbatches import (
 )
 from metashot.data.sampling import EpisodeIndex
 from metashot.data.sources import PARTS, DeviceExampleSet, FewShotSource, class_key, read_files
+from metashot.devices import check_device
 from metashot.errors import DataError
 from metashot.nn.backbones import is_pretrained
 

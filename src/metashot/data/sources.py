@@ -19,11 +19,12 @@ from typing import Any, ClassVar
 import torch
 
 from metashot.batches import Examples, TaskInfo
-from metashot.config import Config, check_device, local_placement
+from metashot.config import Config
 from metashot.data.examples import ExampleSampler, ExampleSet, example_loader
 from metashot.data.fewshot import FewShotDataset, device_episode_loader, episode_loader, to_device
 from metashot.data.images import read_images
 from metashot.data.sampling import EpisodeSampler
+from metashot.devices import check_device, local_placement
 from metashot.errors import ConfigError, DataError
 
 PARTS = ("train", "val", "test")
